@@ -1,0 +1,25 @@
+"""monarch-megatron: Monarch-matrix BERT/GPT pretraining on megatron-core and DeepSpeed."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="monarch_megatron",
+    version="0.1.0",
+    description="Monarch-matrix BERT/GPT pretraining with reverse sparsification on megatron-core + DeepSpeed ZeRO-1",
+    python_requires=">=3.10",
+    packages=find_packages(include=["monarch_megatron", "monarch_megatron.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "deepspeed>=0.19,<0.20",
+        "sentencepiece",
+        "tensorboard",
+        "pyyaml",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # triton runs the fused kernel's tests in interpreter mode on CPU
+        "test": ["pytest", "triton"],
+    },
+)
