@@ -1,0 +1,63 @@
+"""Typed model configuration: the architecture of a BERT or GPT model, and its Monarch layers.
+
+``MonarchConfig`` is defined in :mod:`monarch_megatron.parallel.specs` (the layer specs consume it
+and ``parallel`` may not import ``models``) and re-exported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..parallel.specs import MONARCH_LAYERS, MonarchConfig
+
+MODEL_KINDS = ("bert", "gpt")
+
+__all__ = ["MODEL_KINDS", "MONARCH_LAYERS", "ModelConfig", "MonarchConfig"]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a megatron-core ``BertModel`` (``kind="bert"``) or ``GPTModel`` (``"gpt"``).
+
+    ``vocab_size`` is the tokenizer's; the model pads it to a multiple of
+    ``make_vocab_size_divisible_by`` (independent of the TP size, so that the function is too).
+    ``sentence_order`` adds BERT's sentence-order (binary) head.
+    """
+
+    kind: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int | None = None
+    vocab_size: int
+    max_position_embeddings: int
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    sentence_order: bool = True
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"kind must be one of {MODEL_KINDS}, got kind={self.kind!r}")
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                     "max_position_embeddings", "make_vocab_size_divisible_by"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 4 * self.hidden_size
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """``vocab_size`` rounded up to a multiple of ``make_vocab_size_divisible_by``."""
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m

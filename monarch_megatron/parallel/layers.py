@@ -1,0 +1,383 @@
+"""Monarch linears with megatron-core's tensor-parallel linear contract.
+
+``MonarchColumnParallelLinear`` and ``MonarchRowParallelLinear`` are drop-in replacements for
+``ColumnParallelLinear`` / ``RowParallelLinear`` in megatron's ``MLP`` (fc1, fc2) and
+``SelfAttention`` (qkv, proj): the same constructor keywords, ``forward(x [s, b, h]) -> (out, bias
+or None)``, ``sharded_state_dict`` and ``backward_dw``. Each rank holds the factor pair that
+:func:`~monarch_megatron.parallel.sharding.split_monarch` gives it, computes ``monarch_multiply`` on
+it and communicates exactly as the dense layer does, through megatron's own
+``tensor_parallel.mappings`` (DESIGN.md, "Tensor parallelism without extra communication").
+
+Initialisation is TP-invariant: the *global* factors are drawn on CPU from torch's default
+generator (which every TP rank seeds identically, as megatron's ``use_cpu_initialization`` path
+does for dense layers) and then split, so the same seed gives the same global matrix at any TP size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
+from torch.nn import Parameter
+
+from ..monarch import init_monarch_, monarch_factor_shapes, monarch_multiply
+from .sharding import check_monarch_split, split_monarch
+
+
+def init_std(init_method: Callable | None, fallback: float) -> float:
+    """The standard deviation of a megatron ``init_method`` (``partial(normal_, std=...)``).
+
+    megatron builds ``config.init_method`` and ``config.output_layer_init_method`` (already scaled
+    by ``1/sqrt(2 * num_layers)``) as such partials; a Monarch layer reproduces the dense layer's
+    output variance for that std. Any other callable gives ``fallback``.
+    """
+    if isinstance(init_method, functools.partial) and "std" in init_method.keywords:
+        return float(init_method.keywords["std"])
+    return fallback
+
+
+class _MonarchParallelLinear(torch.nn.Module):
+    """Shared construction of the two Monarch parallel linears (see the subclasses)."""
+
+    style: str = ""
+    output_permutation: bool = True
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method: Callable | None,
+        bias: bool,
+        skip_bias_add: bool,
+        stride: int,
+        is_expert: bool,
+        tp_group: torch.distributed.ProcessGroup | None,
+        nblocks: int,
+        fallback_std: float,
+        name: str | None,
+    ) -> None:
+        super().__init__()
+        if is_expert:
+            raise NotImplementedError("Monarch layers are not supported as MoE experts (is_expert=True)")
+        if stride != 1:
+            # A strided (e.g. gated-linear-unit) layout interleaves per-rank chunks, which would make
+            # the block-major Monarch output depend on the TP size.
+            raise NotImplementedError(
+                f"Monarch layers support stride=1 only (got stride={stride}; gated_linear_unit "
+                "is not supported with a Monarch fc1)"
+            )
+        self.input_size = input_size
+        self.output_size = output_size
+        self.nblocks = nblocks
+        self.config = config
+        self.skip_bias_add = skip_bias_add
+        self.is_expert = False
+        self.name = name
+        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=False)
+        self.tp_size = get_pg_size(self.tp_group)
+        self.tp_rank = get_pg_rank(self.tp_group)
+        self.sequence_parallel = bool(config.sequence_parallel) and self.tp_size > 1
+        self.shape = monarch_factor_shapes(input_size, output_size, nblocks)
+        layer = f"(in_features={input_size}, out_features={output_size})"
+        check_monarch_split(self.shape.w1_shape, self.shape.w2_shape, self.tp_size, self.style, layer)
+        self._check_padding(layer)
+
+        # Global factors on CPU from the default generator: identical on every TP rank, at every TP size.
+        w1 = torch.zeros(self.shape.w1_shape, dtype=torch.float32)
+        w2 = torch.zeros(self.shape.w2_shape, dtype=torch.float32)
+        if config.perform_initialization:
+            init_monarch_(w1, w2, input_size, init_std(init_method, fallback_std))
+        w1_r, w2_r = split_monarch(w1, w2, self.tp_size, self.style)[self.tp_rank]
+        device = torch.device("cpu") if config.use_cpu_initialization else _accelerator()
+        self.blkdiag1 = Parameter(w1_r.to(device=device, dtype=config.params_dtype))
+        self.blkdiag2 = Parameter(w2_r.to(device=device, dtype=config.params_dtype))
+        for param in (self.blkdiag1, self.blkdiag2):
+            # partition_dim is where the shard sits in the global tensor (w1 rows for a column
+            # layer are strided: stride = q / l blocks of contiguous rows, see sharding.py).
+            dim, pstride = self._partition(param is self.blkdiag1)
+            set_tensor_model_parallel_attributes(param, True, dim, pstride)
+            setattr(param, "allreduce", True)
+        if bias:
+            self.bias = Parameter(
+                torch.zeros(self._bias_size(), device=device, dtype=config.params_dtype)
+            )
+            setattr(self.bias, "allreduce", True)
+        else:
+            self.register_parameter("bias", None)
+        # Same default-empty _extra_state as megatron's linears, so state dicts line up.
+        self._register_load_state_dict_pre_hook(
+            lambda state_dict, prefix, *args, **kwargs: state_dict.setdefault(f"{prefix}_extra_state")
+        )
+
+    # -- hooks for the subclasses -------------------------------------------------------------
+    def _check_padding(self, layer: str) -> None:
+        raise NotImplementedError
+
+    def _partition(self, is_w1: bool) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _bias_size(self) -> int:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    def _local_multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (..., local in)`` -> ``(..., local padded out)`` on this rank's factors."""
+        return monarch_multiply(x, self.blkdiag1, self.blkdiag2, self.output_permutation)
+
+    def _w1_checkpoint_view(self) -> tuple[torch.Tensor, int | None]:
+        return self.blkdiag1, None
+
+    def backward_dw(self) -> None:
+        """Deferred weight-gradient computation is not used: weight gradients come with the
+        input gradient, so this is a no-op (as in megatron's non-TE linears)."""
+
+    def set_extra_state(self, state: Any) -> None:
+        """Extra state is ignored (megatron's linears keep a ``None`` ``_extra_state``)."""
+
+    def get_extra_state(self) -> None:
+        """``None``: keeps the state-dict keys of megatron's linears."""
+        return None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.input_size}, out_features={self.output_size}, "
+            f"nblocks={self.nblocks}, bias={self.bias is not None}, TP={self.tp_size}, "
+            f"style={self.style}"
+        )
+
+
+def _accelerator() -> torch.device:
+    """The current CUDA device, where megatron allocates parameters without CPU initialisation."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class MonarchColumnParallelLinear(_MonarchParallelLinear):
+    """Column-parallel Monarch linear: input replicated, block-major output sharded.
+
+    Global function: ``y = x @ M^T + bias`` with ``M`` the Monarch matrix of the global factors and
+    *block-major* output order (``output_permutation=False``). Rank ``t0`` holds
+    ``blkdiag1: (k, q/t, p)``, ``blkdiag2: (l/t, s, r)`` and ``bias: (out/t,)`` and produces output
+    columns ``[t0*out/t, (t0+1)*out/t)``, like ``ColumnParallelLinear``.
+
+    forward: ``x: [s, b, in]`` (``[s/t, b, in]`` with sequence parallelism) ->
+    ``(y: [s, b, out/t] (or [s, b, out] with gather_output), bias: [out/t] or None)``.
+    """
+
+    style = "column"
+    output_permutation = False
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method: Callable | None = None,
+        bias: bool = True,
+        gather_output: bool = False,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+        skip_bias_add: bool = False,
+        skip_weight_param_allocation: bool = False,
+        embedding_activation_buffer: list | None = None,
+        grad_output_buffer: list | None = None,
+        is_expert: bool = False,
+        tp_comm_buffer_name: str | None = None,
+        disable_grad_reduce: bool = False,
+        tp_group: torch.distributed.ProcessGroup | None = None,
+        name: str | None = None,
+        nblocks: int = 4,
+    ) -> None:
+        if skip_weight_param_allocation or keep_master_weight_for_test or disable_grad_reduce:
+            raise NotImplementedError(
+                "MonarchColumnParallelLinear does not support skip_weight_param_allocation, "
+                "keep_master_weight_for_test or disable_grad_reduce"
+            )
+        if embedding_activation_buffer is not None or grad_output_buffer is not None:
+            raise NotImplementedError("deferred embedding wgrad buffers are not supported")
+        self.gather_output = gather_output
+        self.tp_comm_buffer_name = tp_comm_buffer_name
+        super().__init__(
+            input_size, output_size, config=config, init_method=init_method, bias=bias,
+            skip_bias_add=skip_bias_add, stride=stride, is_expert=is_expert, tp_group=tp_group,
+            nblocks=nblocks, fallback_std=getattr(config, "init_method_std", 0.02), name=name,
+        )
+        if self.bias is not None:
+            set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
+        self.output_size_per_partition = output_size // self.tp_size
+
+    def _check_padding(self, layer: str) -> None:
+        if self.tp_size > 1 and self.shape.padded_out != self.output_size:
+            raise ValueError(
+                f"cannot shard Monarch layer {layer} with nblocks={self.nblocks} column-parallel over "
+                f"tp_size={self.tp_size}: out_features must be a multiple of nblocks"
+            )
+
+    def _partition(self, is_w1: bool) -> tuple[int, int]:
+        if is_w1:
+            return 1, self.shape.q // self.shape.l if self.shape.q % self.shape.l == 0 else 1
+        return 0, 1
+
+    def _bias_size(self) -> int:
+        return self.output_size // self.tp_size if self.tp_size > 1 else self.output_size
+
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``input_: [s, b, in]`` -> ``(output, output_bias)`` as ``ColumnParallelLinear``."""
+        if weight is not None:
+            raise NotImplementedError("MonarchColumnParallelLinear has its own factors; weight= is not supported")
+        if self.sequence_parallel:
+            # All-gather the sequence shards forward, reduce-scatter the input gradient backward.
+            input_parallel = gather_from_sequence_parallel_region(input_, group=self.tp_group)
+        else:
+            # Identity forward, all-reduce of the input gradient backward.
+            input_parallel = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        output_parallel = self._local_multiply(input_parallel)
+        if self.tp_size == 1 and output_parallel.shape[-1] != self.output_size:
+            output_parallel = output_parallel[..., : self.output_size]
+        if self.bias is not None and not self.skip_bias_add:
+            output_parallel = output_parallel + self.bias
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather:
+            output = gather_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
+        else:
+            output = output_parallel
+        return output, (self.bias if self.skip_bias_add else None)
+
+    def _w1_checkpoint_view(self) -> tuple[torch.Tensor, int | None]:
+        # The rank's w1 rows are w1.view(k, q/l, l, p)[:, :, J]: contiguous along axis 2 of that
+        # 4-D view, which is how the distributed checkpoint stores w1 (at every TP size).
+        k, q_r, p = self.blkdiag1.shape
+        q, l = self.shape.q, self.shape.l
+        if q % l != 0:
+            return self.blkdiag1, 1  # only possible at tp_size 1
+        return self.blkdiag1.view(k, q // l, q_r // (q // l), p), 2
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """Distributed-checkpoint view: ``blkdiag1`` as ``(k, q/l, l, p)`` sharded on axis 2,
+        ``blkdiag2`` and ``bias`` sharded on axis 0."""
+        w1_view, w1_axis = self._w1_checkpoint_view()
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        state_dict["blkdiag1"] = w1_view
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"blkdiag1": w1_axis, "blkdiag2": 0, "bias": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        )
+
+
+class MonarchRowParallelLinear(_MonarchParallelLinear):
+    """Row-parallel Monarch linear: input sharded contiguously, output all-reduced.
+
+    Global function: ``y = x @ M^T + bias`` in the paper's output order
+    (``output_permutation=True``), so the output can enter the residual stream. Rank ``t0`` holds
+    ``blkdiag1: (k/t, q, p)``, ``blkdiag2: (l, s, r/t)`` and the full ``bias: (out,)``.
+
+    forward: ``x: [s, b, in/t]`` -> ``(y: [s, b, out] (``[s/t, b, out]`` with sequence
+    parallelism), bias: [out] or None)``.
+    """
+
+    style = "row"
+    output_permutation = True
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        init_method: Callable | None = None,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        skip_bias_add: bool = False,
+        stride: int = 1,
+        keep_master_weight_for_test: bool = False,
+        is_expert: bool = False,
+        tp_comm_buffer_name: str | None = None,
+        tp_group: torch.distributed.ProcessGroup | None = None,
+        name: str | None = None,
+        nblocks: int = 4,
+    ) -> None:
+        if keep_master_weight_for_test:
+            raise NotImplementedError("keep_master_weight_for_test is not supported")
+        if config.sequence_parallel and not input_is_parallel:
+            raise RuntimeError("To enable `sequence_parallel`, `input_is_parallel` must be `True`")
+        self.input_is_parallel = input_is_parallel
+        self.tp_comm_buffer_name = tp_comm_buffer_name
+        num_layers = getattr(config, "num_layers", None)
+        std = getattr(config, "init_method_std", 0.02)
+        # Without a megatron partial to read, scale like output_layer_init_method does.
+        fallback = std / math.sqrt(2.0 * num_layers) if num_layers else std
+        super().__init__(
+            input_size, output_size, config=config, init_method=init_method, bias=bias,
+            skip_bias_add=skip_bias_add, stride=stride, is_expert=is_expert, tp_group=tp_group,
+            nblocks=nblocks, fallback_std=fallback, name=name,
+        )
+        if self.bias is not None:
+            setattr(self.bias, "sequence_parallel", self.sequence_parallel)
+        self.input_size_per_partition = input_size // self.tp_size
+
+    def _check_padding(self, layer: str) -> None:
+        if self.tp_size > 1 and self.shape.padded_in != self.input_size:
+            raise ValueError(
+                f"cannot shard Monarch layer {layer} with nblocks={self.nblocks} row-parallel over "
+                f"tp_size={self.tp_size}: in_features must be a multiple of nblocks"
+            )
+
+    def _partition(self, is_w1: bool) -> tuple[int, int]:
+        return (0, 1) if is_w1 else (2, 1)
+
+    def _bias_size(self) -> int:
+        return self.output_size
+
+    def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``input_: [s, b, in/t]`` -> ``(output, output_bias)`` as ``RowParallelLinear``."""
+        if self.input_is_parallel:
+            input_parallel = input_
+        else:
+            input_parallel = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        # Partial sums of the paper-order output; cut the padding before communicating.
+        output_parallel = self._local_multiply(input_parallel)
+        if output_parallel.shape[-1] != self.output_size:
+            # The collectives work in place on contiguous buffers.
+            output_parallel = output_parallel[..., : self.output_size].contiguous()
+        if self.sequence_parallel:
+            output_ = reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
+        else:
+            output_ = reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
+        if self.skip_bias_add:
+            return output_, self.bias
+        return (output_ + self.bias if self.bias is not None else output_), None
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """Distributed-checkpoint view: ``blkdiag1`` sharded on axis 0, ``blkdiag2`` on axis 2,
+        ``bias`` replicated."""
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"blkdiag1": 0, "blkdiag2": 2}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
+        )

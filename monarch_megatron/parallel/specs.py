@@ -1,0 +1,106 @@
+"""BERT and GPT transformer-layer specs: megatron-core's local specs with Monarch linears swapped in.
+
+``get_bert_layer_spec(monarch)`` / ``get_gpt_layer_spec(monarch)`` start from megatron-core's own
+local specs (``bert_layer_local_spec``, ``get_gpt_layer_local_spec()``), deep-copied, and replace:
+
+* the linears that ``monarch.layers`` names (``fc1``, ``fc2``: MLP; ``qkv``, ``proj``: attention)
+  by :class:`MonarchColumnParallelLinear` (fc1, qkv) or :class:`MonarchRowParallelLinear` (fc2, proj)
+  with ``monarch.nblocks`` blocks;
+* the core attention: Transformer Engine's where it is installed, else :class:`SDPACoreAttention`
+  (``attention="auto"``); ``"sdpa"``, ``"local"`` (megatron's ``DotProductAttention``) and ``"te"``
+  select one explicitly. With ``monarch=None`` and ``attention="local"`` the spec *is* megatron's.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+
+from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from .attention import SDPACoreAttention
+from .layers import MonarchColumnParallelLinear, MonarchRowParallelLinear
+
+MONARCH_LAYERS = ("fc1", "fc2", "qkv", "proj")
+ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
+
+
+@dataclass
+class MonarchConfig:
+    """Which linears of every transformer layer are Monarch, and with how many blocks.
+
+    ``layers`` is a subset of ``("fc1", "fc2", "qkv", "proj")``; ``nblocks`` divides into each
+    layer's widths as :func:`~monarch_megatron.monarch.monarch_factor_shapes` allows, and the TP size
+    must divide the layout (checked when the layer is built).
+    """
+
+    layers: tuple[str, ...] = MONARCH_LAYERS
+    nblocks: int = 4
+
+    def __post_init__(self) -> None:
+        layers = tuple(self.layers)  # YAML gives lists
+        self.layers = layers
+        unknown = [name for name in layers if name not in MONARCH_LAYERS]
+        if unknown or len(set(layers)) != len(layers):
+            raise ValueError(f"MonarchConfig.layers must be distinct names from {MONARCH_LAYERS}, got {layers}")
+        if isinstance(self.nblocks, bool) or not isinstance(self.nblocks, int) or self.nblocks < 1:
+            raise ValueError(f"MonarchConfig.nblocks must be a positive integer, got nblocks={self.nblocks!r}")
+
+
+def _te_core_attention():
+    try:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return None
+    return TEDotProductAttention
+
+
+def core_attention_module(attention: str = "auto") -> type:
+    """The core-attention class ``attention`` selects (see the module docstring)."""
+    if attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got attention={attention!r}")
+    if attention == "local":
+        return DotProductAttention
+    if attention == "sdpa":
+        return SDPACoreAttention
+    te = _te_core_attention()
+    if attention == "te" and te is None:
+        raise ImportError("attention='te' needs Transformer Engine, which is not importable")
+    return te if te is not None else SDPACoreAttention
+
+
+def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str) -> ModuleSpec:
+    """A deep copy of a local TransformerLayer spec with the chosen submodules replaced."""
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention.submodules
+    mlp = spec.submodules.mlp.submodules
+    attn.core_attention = core_attention_module(attention)
+    if monarch is not None:
+        layers = set(monarch.layers)
+        params = {"nblocks": monarch.nblocks}
+        if "qkv" in layers:
+            # SelfAttention calls linear_qkv(...) directly rather than through build_module, so
+            # it must be a callable class, not a ModuleSpec.
+            attn.linear_qkv = functools.partial(MonarchColumnParallelLinear, **params)
+        if "proj" in layers:
+            attn.linear_proj = ModuleSpec(module=MonarchRowParallelLinear, params=dict(params))
+        if "fc1" in layers:
+            mlp.linear_fc1 = ModuleSpec(module=MonarchColumnParallelLinear, params=dict(params))
+        if "fc2" in layers:
+            mlp.linear_fc2 = ModuleSpec(module=MonarchRowParallelLinear, params=dict(params))
+    return spec
+
+
+def get_bert_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto") -> ModuleSpec:
+    """BERT layer spec (padding-mask attention): megatron's local spec with Monarch / SDPA swaps."""
+    return _swap(bert_layer_local_spec, monarch, attention)
+
+
+def get_gpt_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto") -> ModuleSpec:
+    """GPT layer spec (causal attention): megatron's local spec with Monarch / SDPA swaps."""
+    return _swap(get_gpt_layer_local_spec(), monarch, attention)
