@@ -22,10 +22,62 @@ from .shapes import check_factors
 BACKENDS = ("auto", "torch", "triton")
 
 
+class _MonarchMultiplyTorch(torch.autograd.Function):
+    """Two batched matmuls whose outputs are written (``out=``) straight into the memory layout the
+    next step reads, so each direction moves the activations through one permutation copy (two in
+    the paper's output order), the same number as the paper authors' implementation."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool):
+        k, q, p = w1.shape
+        l, s, r = w2.shape
+        n = x2.shape[0]
+        xv = x2.view(n, k, p).transpose(0, 1)  # (k, n, p), strided view: no copy
+        u = x2.new_empty(n, k, q)
+        torch.bmm(xv, w1.transpose(1, 2), out=u.transpose(0, 1))
+        # Middle permutation: flat channel f = i*q + c goes to second-stage block f % l, slot f // l.
+        v = u.view(n, r, l).transpose(1, 2).contiguous()  # (n, l, r)
+        y = x2.new_empty(n, l, s)
+        torch.bmm(v.transpose(0, 1), w2.transpose(1, 2), out=y.transpose(0, 1))
+        ctx.save_for_backward(x2, w1, w2, v)
+        ctx.output_permutation = output_permutation
+        if output_permutation:
+            return y.transpose(1, 2).reshape(n, s * l)
+        return y.view(n, l * s)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, w1, w2, v = ctx.saved_tensors
+        k, q, p = w1.shape
+        l, s, r = w2.shape
+        n = x2.shape[0]
+        if ctx.output_permutation:
+            dy = grad_out.reshape(n, s, l).transpose(1, 2).contiguous()  # (n, l, s)
+        else:
+            dy = grad_out.reshape(n, l, s)
+        dyt = dy.transpose(0, 1)  # (l, n, s)
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        dw2 = torch.bmm(dyt.transpose(1, 2), v.transpose(0, 1)) if need_w2 else None
+        dx = dw1 = None
+        if need_x or need_w1:
+            dv = x2.new_empty(n, l, r)
+            torch.bmm(dyt, w2, out=dv.transpose(0, 1))
+            du = dv.transpose(1, 2).reshape(n, k, q).transpose(0, 1)  # inverse permutation, (k, n, q)
+            if need_w1:
+                dw1 = torch.bmm(du.transpose(1, 2), x2.view(n, k, p).transpose(0, 1))
+            if need_x:
+                dx = x2.new_empty(n, k, p)
+                torch.bmm(du, w1, out=dx.transpose(0, 1))
+                dx = dx.view(n, k * p)
+        return dx, dw1, dw2, None
+
+
 def monarch_multiply_torch(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool = True
 ) -> torch.Tensor:
     """Reference Monarch multiply with batched matmuls (no Python loop over blocks).
+
+    Under autocast the operands are cast to the autocast dtype, as a matmul would be.
 
     Args:
         x: ``(..., k*p)`` input (already padded to the factors' input width).
@@ -36,20 +88,16 @@ def monarch_multiply_torch(
     Returns:
         ``(..., l*s)`` output.
     """
-    k, q, p = w1.shape
-    l, s, r = w2.shape
+    k, _, p = w1.shape
+    l, s, _ = w2.shape
     batch_shape = x.shape[:-1]
-    x2 = x.reshape(-1, k * p)
-    n = x2.shape[0]
-    # (k, n, p) as a strided view: cuBLAS reads it without a copy.
-    u = torch.bmm(x2.view(n, k, p).transpose(0, 1), w1.transpose(1, 2))  # (k, n, q)
-    # Middle permutation: flat channel f = i*q + c goes to second-stage block f % l, slot f // l.
-    v = u.transpose(0, 1).reshape(n, r, l).permute(2, 0, 1)  # (l, n, r)
-    y = torch.bmm(v, w2.transpose(1, 2))  # (l, n, s)
-    if output_permutation:
-        out = y.permute(1, 2, 0).reshape(n, s * l)
-    else:
-        out = y.transpose(0, 1).reshape(n, l * s)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        out = _MonarchMultiplyTorch.apply(x.reshape(-1, k * p).contiguous(), w1.contiguous(), w2.contiguous(),
+                                          output_permutation)
     return out.reshape(*batch_shape, l * s)
 
 
@@ -62,8 +110,11 @@ def _triton_kernel():
     return triton_monarch
 
 
-def resolve_backend(backend: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> str:
-    """The concrete backend (``"torch"`` or ``"triton"``) that ``backend`` selects for these operands."""
+def resolve_backend(
+    backend: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool | None = None
+) -> str:
+    """The concrete backend (``"torch"`` or ``"triton"``) that ``backend`` selects for these operands
+    (``output_permutation=None``: the fused path must win in both output orders)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
     if backend == "torch":
@@ -73,7 +124,7 @@ def resolve_backend(backend: str, x: torch.Tensor, w1: torch.Tensor, w2: torch.T
         if kernel is None:
             raise RuntimeError("backend='triton' needs the triton package, which is not importable")
         return "triton"
-    if x.is_cuda and kernel is not None and kernel.prefers_triton(x, w1, w2):
+    if x.is_cuda and kernel is not None and kernel.prefers_triton(x, w1, w2, output_permutation):
         return "triton"
     return "torch"
 
@@ -111,6 +162,6 @@ def monarch_multiply(
         raise ValueError(
             f"dtypes differ: x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype} (cast them, or use autocast)"
         )
-    if resolve_backend(backend, x, w1, w2) == "triton":
+    if resolve_backend(backend, x, w1, w2, output_permutation) == "triton":
         return _triton_kernel().monarch_multiply_triton(x, w1, w2, output_permutation)
     return monarch_multiply_torch(x, w1, w2, output_permutation)

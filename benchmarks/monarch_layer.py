@@ -1,0 +1,321 @@
+"""Monarch layer benchmark: dense ``F.linear`` vs the torch reference path vs the fused Triton path.
+
+One command (on a CUDA machine):
+
+    python benchmarks/monarch_layer.py            # full table: 6 layer shapes x nblocks 2/4/8 + MLP block
+    python benchmarks/monarch_layer.py --quick    # nblocks 4 only
+    python benchmarks/monarch_layer.py --quick --layers 1024x1024,1024x4096 --baseline OLD.py --variants
+                                                  # a few layers; an older triton_monarch.py timed in the
+                                                  # same run; host (issue) time; launch experiments
+
+Times fwd and fwd+bwd (bf16, 16384 tokens, ``triton.testing.do_bench`` median, dense measured in the
+same run), checks the Triton path on the GPU at full shapes first (fresh random inputs, outputs and
+gradients poisoned with NaN before each run, relative error against an fp32 reference with a
+per-dtype bound), prints a table and writes JSON to ``$OUT/monarch_layer.json`` when ``$OUT`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from monarch_megatron.monarch.multiply import monarch_multiply_torch  # noqa: E402
+from monarch_megatron.monarch.shapes import monarch_factor_shapes  # noqa: E402
+from monarch_megatron.monarch import triton_monarch  # noqa: E402
+
+TOKENS = 16384
+LAYERS = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1024, 1024), (4096, 16384)]
+# Relative-error bounds against an fp32 (tf32 off) reference: bf16/fp16 operands and a bf16/fp16
+# intermediate give errors of a few 1e-3; fp32 with IEEE dots lands near 1e-6.
+REL_BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 (NaN propagates, so an unwritten element fails)."""
+    a64, b64 = a.double(), b.double()
+    return ((a64 - b64).norm() / b64.norm()).item()
+
+
+def poison_cache(numel: int, dtype: torch.dtype) -> None:
+    """Fill then free a NaN block of ``numel`` elements so that the next same-size allocation
+    (the kernel's output) starts from NaN: an element the kernel does not write stays NaN."""
+    t = torch.full((numel,), float("nan"), device="cuda", dtype=dtype)
+    del t
+
+
+def check_correct(n_in: int, n_out: int, nblocks: int, perm: bool, dtype: torch.dtype, tokens: int) -> dict:
+    """Forward and all gradients of the Triton path against an fp32 reference at full shape."""
+    sh = monarch_factor_shapes(n_in, n_out, nblocks)
+    x = torch.randn(tokens, sh.padded_in, device="cuda")
+    w1 = torch.randn(sh.w1_shape, device="cuda") / math.sqrt(sh.p)
+    w2 = torch.randn(sh.w2_shape, device="cuda") / math.sqrt(sh.r)
+    dy = torch.randn(tokens, sh.padded_out, device="cuda")
+    ref_in = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = monarch_multiply_torch(*ref_in, perm)
+    ref.backward(dy)
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    errs = {}
+    # Twice: the first call compiles and launches through Triton's public path, the second launches
+    # the cached compiled kernels directly; fresh random inputs and fresh poison for each.
+    for call in range(2):
+        if call:
+            x.normal_(), w1.normal_().div_(math.sqrt(sh.p)), w2.normal_().div_(math.sqrt(sh.r)), dy.normal_()
+            ref_in = [t.clone().requires_grad_() for t in (x, w1, w2)]
+            torch.backends.cuda.matmul.allow_tf32 = False
+            ref = monarch_multiply_torch(*ref_in, perm)
+            ref.backward(dy)
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        ins = [t.to(dtype).clone().requires_grad_() for t in (x, w1, w2)]
+        for t in ins:
+            poison_cache(t.numel(), dtype)  # gradients allocated next start as NaN
+        poison_cache(tokens * sh.padded_out, dtype)
+        out = triton_monarch.monarch_multiply_triton(*ins, perm)
+        out.backward(dy.to(dtype))
+        torch.cuda.synchronize()
+        e = {"out": rel_err(out, ref)}
+        for name, t, r in zip(("dx", "dw1", "dw2"), ins, ref_in):
+            e[name] = rel_err(t.grad, r.grad)
+        errs = {k: max(errs.get(k, 0.0), v) if v == v else v for k, v in e.items()}
+    ok = all(e <= REL_BOUND[dtype] for e in errs.values())  # NaN compares False
+    return {"layer": f"{n_in}->{n_out}", "nblocks": nblocks, "perm": perm, "dtype": str(dtype),
+            "tokens": tokens, "errors": errs, "bound": REL_BOUND[dtype], "ok": ok}
+
+
+def bench(fn, grads) -> float:
+    """Median time in ms (``do_bench``: events, warm-up, L2 flushed between runs)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
+
+
+def host_ms(fn, iters: int = 20) -> float:
+    """Host time to issue one call (ms): wall time of ``iters`` calls without synchronising, while the
+    GPU queue is far from full. When this exceeds the device time, the host bounds the layer."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / iters
+
+
+def time_layer(n_in: int, n_out: int, nblocks: int, perm: bool, extra: dict | None = None) -> dict:
+    """fwd and fwd+bwd times of dense, torch-path Monarch and Triton Monarch at one shape (plus the
+    modules in ``extra``, name -> module with ``monarch_multiply_triton``); host time of Triton."""
+    dt = torch.bfloat16
+    sh = monarch_factor_shapes(n_in, n_out, nblocks)
+    x = torch.randn(TOKENS, n_in, device="cuda", dtype=dt).requires_grad_()
+    xp = torch.randn(TOKENS, sh.padded_in, device="cuda", dtype=dt).requires_grad_()
+    w = (torch.randn(n_out, n_in, device="cuda", dtype=dt) / math.sqrt(n_in)).requires_grad_()
+    w1 = (torch.randn(sh.w1_shape, device="cuda", dtype=dt) / math.sqrt(sh.p)).requires_grad_()
+    w2 = (torch.randn(sh.w2_shape, device="cuda", dtype=dt) / math.sqrt(sh.r)).requires_grad_()
+    dy = torch.randn(TOKENS, n_out, device="cuda", dtype=dt)
+    dyp = torch.randn(TOKENS, sh.padded_out, device="cuda", dtype=dt)
+    fns = {
+        "dense": (lambda: F.linear(x, w), dy, [x, w]),
+        "torch": (lambda: monarch_multiply_torch(xp, w1, w2, perm), dyp, [xp, w1, w2]),
+        "triton": (lambda: triton_monarch.monarch_multiply_triton(xp, w1, w2, perm), dyp, [xp, w1, w2]),
+    }
+    for name, mod in (extra or {}).items():
+        fns[name] = (lambda mod=mod: mod.monarch_multiply_triton(xp, w1, w2, perm), dyp, [xp, w1, w2])
+    res = {"layer": f"{n_in}->{n_out}", "nblocks": nblocks, "perm": perm,
+           "flop_ratio": (n_in * n_out) / sh.num_params}
+    for name, (f, g, params) in fns.items():
+        with torch.no_grad():
+            res[f"{name}_fwd"] = bench(f, None)
+        step = lambda f=f, g=g: f().backward(g)  # noqa: E731
+        res[f"{name}_fwdbwd"] = bench(step, params)
+        if name not in ("dense", "torch"):
+            res[f"{name}_host"] = host_ms(step)
+    return res
+
+
+def time_mlp(nblocks: int = 4, hidden: int = 1024, ffn: int = 4096) -> dict:
+    """BERT-large MLP block (fc1 + GELU + fc2, with biases): Monarch (fc1 block-major output,
+    fc2 paper order, as in the tensor-parallel layers) vs dense, fwd and fwd+bwd."""
+    dt = torch.bfloat16
+    s1 = monarch_factor_shapes(hidden, ffn, nblocks)
+    s2 = monarch_factor_shapes(ffn, hidden, nblocks)
+
+    def p(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", dtype=dt) * scale).requires_grad_()
+
+    x = p(TOKENS, hidden)
+    dy = torch.randn(TOKENS, hidden, device="cuda", dtype=dt)
+    wd1, bd1 = p(ffn, hidden, scale=hidden ** -0.5), p(ffn, scale=0.02)
+    wd2, bd2 = p(hidden, ffn, scale=ffn ** -0.5), p(hidden, scale=0.02)
+    a1, b1 = p(*s1.w1_shape, scale=s1.p ** -0.5), p(*s1.w2_shape, scale=s1.r ** -0.5)
+    a2, b2 = p(*s2.w1_shape, scale=s2.p ** -0.5), p(*s2.w2_shape, scale=s2.r ** -0.5)
+
+    def dense():
+        return F.linear(F.gelu(F.linear(x, wd1, bd1)), wd2, bd2)
+
+    def monarch(mm):
+        return lambda: mm(F.gelu(mm(x, a1, b1, False) + bd1), a2, b2, True) + bd2
+
+    fns = {"dense": (dense, [x, wd1, bd1, wd2, bd2]),
+           "torch": (monarch(monarch_multiply_torch), [x, a1, b1, a2, b2, bd1, bd2]),
+           "triton": (monarch(triton_monarch.monarch_multiply_triton), [x, a1, b1, a2, b2, bd1, bd2])}
+    res = {"layer": f"MLP {hidden}->{ffn}->{hidden}", "nblocks": nblocks, "perm": "fc1 F / fc2 T",
+           "flop_ratio": (2 * hidden * ffn) / (s1.num_params + s2.num_params)}
+    for name, (f, params) in fns.items():
+        with torch.no_grad():
+            res[f"{name}_fwd"] = bench(f, None)
+        res[f"{name}_fwdbwd"] = bench(lambda f=f: f().backward(dy), params)
+    return res
+
+
+def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool) -> list[tuple[str, float]]:
+    """Per-kernel device times (ms, launch order) of one Triton fwd+bwd, from the profiler."""
+    dt = torch.bfloat16
+    sh = monarch_factor_shapes(n_in, n_out, nblocks)
+    xp = torch.randn(TOKENS, sh.padded_in, device="cuda", dtype=dt).requires_grad_()
+    w1 = (torch.randn(sh.w1_shape, device="cuda", dtype=dt) / math.sqrt(sh.p)).requires_grad_()
+    w2 = (torch.randn(sh.w2_shape, device="cuda", dtype=dt) / math.sqrt(sh.r)).requires_grad_()
+    dyp = torch.randn(TOKENS, sh.padded_out, device="cuda", dtype=dt)
+    step = lambda: triton_monarch.monarch_multiply_triton(xp, w1, w2, perm).backward(dyp)  # noqa: E731
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    reps = 10
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per = len(events) // reps
+    out = []
+    for i in range(per):
+        times = [events[r * per + i].device_time for r in range(reps)]
+        out.append((events[i].name[:40], sorted(times)[reps // 2] / 1000.0))
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    hdr = (f"{'layer':>22} {'nb':>3} {'perm':>5} {'FLOPx':>5} | {'dense':>7} {'torch':>7} {'triton':>7} "
+           f"{'tri/dn':>6} | {'dense':>7} {'torch':>7} {'triton':>7} {'tri/dn':>6} {'tri/tor':>7}")
+    print("times in ms; ratios = speed-up (dense time / triton time); left: fwd, right: fwd+bwd")
+    print(hdr)
+    for r in rows:
+        print(f"{r['layer']:>22} {r['nblocks']:>3} {str(r['perm']):>5} {r['flop_ratio']:>5.1f} | "
+              f"{r['dense_fwd']:7.3f} {r['torch_fwd']:7.3f} {r['triton_fwd']:7.3f} "
+              f"{r['dense_fwd'] / r['triton_fwd']:5.2f}x | "
+              f"{r['dense_fwdbwd']:7.3f} {r['torch_fwdbwd']:7.3f} {r['triton_fwdbwd']:7.3f} "
+              f"{r['dense_fwdbwd'] / r['triton_fwdbwd']:5.2f}x {r['torch_fwdbwd'] / r['triton_fwdbwd']:6.2f}x")
+
+
+def load_module(path: str):
+    """An older ``triton_monarch.py`` (self-contained) loaded from a file, to time it in the same run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("triton_monarch_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def time_variants(n_in: int, n_out: int, nblocks: int, perm: bool) -> list[str]:
+    """fwd+bwd and host time of the Triton path with one launch experiment switched at a time."""
+    tm = triton_monarch
+    lines = []
+    for name, flag, val in [("no_fast_launch", "FAST_LAUNCH", False), ("no_merge", "MERGE", False),
+                            ("dw1_bmm", "DW1_BMM", True), ("dw1_kernel", "DW1_BMM", False)]:
+        old = getattr(tm, flag)
+        setattr(tm, flag, val)
+        r = time_layer(n_in, n_out, nblocks, perm, extra=None)
+        setattr(tm, flag, old)
+        lines.append(f"variant {n_in}->{n_out} nb{nblocks} perm={perm} {name:15} fwd {r['triton_fwd']:.3f} "
+                     f"fwd+bwd {r['triton_fwdbwd']:.3f} host {r['triton_host']:.3f} (dense {r['dense_fwdbwd']:.3f})")
+        print(lines[-1])
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="nblocks 4 only")
+    ap.add_argument("--orders", default="T,F", help="output orders to time: T (paper), F (block-major)")
+    ap.add_argument("--layers", default="", help="only these layers (checks too), e.g. 1024x1024,4096x1024")
+    ap.add_argument("--baseline", default="", help="an older triton_monarch.py, timed as 'base'")
+    ap.add_argument("--baseline-layers", default="", help="time the baseline only at these layers")
+    ap.add_argument("--variants", action="store_true", help="launch experiments at the first layer")
+    ap.add_argument("--breakdown", action="store_true", help="per-kernel times at nblocks 4")
+    ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness checks")
+    ap.add_argument("--no-mlp", action="store_true", help="skip the MLP block")
+    args = ap.parse_args()
+    torch.manual_seed(1234)
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    layers = LAYERS
+    if args.layers:
+        layers = [tuple(int(v) for v in t.split("x")) for t in args.layers.split(",")]
+    checks = []
+    for (n_in, n_out, nb, perm, dtype, tok) in [
+        (1024, 4096, 4, True, torch.bfloat16, TOKENS), (4096, 1024, 4, False, torch.bfloat16, TOKENS),
+        (1024, 1024, 8, True, torch.bfloat16, TOKENS), (4096, 16384, 4, True, torch.bfloat16, TOKENS),
+        (768, 3072, 8, False, torch.bfloat16, TOKENS), (3072, 768, 2, True, torch.bfloat16, TOKENS),
+        (1000, 3000, 4, True, torch.bfloat16, 4000),  # non-divisible: natural layout, stride-l gather
+        (1024, 4096, 4, True, torch.float16, 4096), (4096, 1024, 4, False, torch.float32, 4096),
+        (1024, 1024, 4, True, torch.float32, 4096), (1024, 1024, 4, False, torch.bfloat16, TOKENS),
+        (4096, 1024, 4, True, torch.bfloat16, TOKENS), (1024, 4096, 4, False, torch.bfloat16, TOKENS),
+    ] if not args.no_check else []:
+        if args.layers and (n_in, n_out) not in layers and n_in != 1000:
+            continue
+        c = check_correct(n_in, n_out, nb, perm, dtype, tok)
+        checks.append(c)
+        print("check", c["layer"], "nb", nb, "perm", perm, c["dtype"], "tokens", tok,
+              {k: f"{v:.1e}" for k, v in c["errors"].items()}, "OK" if c["ok"] else "FAIL")
+    if not all(c["ok"] for c in checks):
+        print("CORRECTNESS FAILURE")
+    extra = {"base": load_module(args.baseline)} if args.baseline else None
+
+    orders = [o == "T" for o in args.orders.split(",")]
+    nbs = [4] if args.quick else [2, 4, 8]
+    rows, notes = [], []
+    if args.variants:
+        notes += time_variants(*layers[0], nbs[0], orders[0])
+    for perm in orders:
+        for nb in nbs:
+            for n_in, n_out in layers:
+                use = extra if not args.baseline_layers or f"{n_in}x{n_out}" in args.baseline_layers else None
+                rows.append(time_layer(n_in, n_out, nb, perm, use))
+                print_table(rows[-1:])
+    if args.breakdown:
+        for perm in (True, False):
+            for n_in, n_out in [(1024, 4096), (4096, 1024), (1024, 1024), (4096, 16384)]:
+                parts = kernel_breakdown(n_in, n_out, 4, perm)
+                print(f"breakdown {n_in}->{n_out} nb4 perm={perm}:",
+                      " ".join(f"{nm}={t:.3f}" for nm, t in parts), f"sum={sum(t for _, t in parts):.3f}")
+    if not args.no_mlp:
+        rows.append(time_mlp())
+    tm = triton_monarch
+    print(f"\nfast launch {tm.FAST_LAUNCH}; merged launches that fell back to two: {len(tm.FALLBACKS)}")
+    for fb in tm.FALLBACKS:
+        print("fallback", fb)
+    print("\n".join(notes))
+    for r in rows:
+        if "triton_host" in r:
+            ex = " ".join(f"{k[:-7]} {r[k]:.3f}/{r[k[:-7] + '_host']:.3f}" for k in r
+                          if k.endswith("_fwdbwd") and k[:-7] not in ("dense", "torch"))
+            print(f"host {r['layer']:>12} {r['nblocks']} {str(r['perm']):>5} fwd+bwd/host ms: {ex}")
+    print()
+    print_table(rows)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "monarch_layer.json"), "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "tokens": TOKENS, "checks": checks,
+                       "timings": rows, "notes": notes}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
