@@ -1,0 +1,148 @@
+"""Tensor-parallel merge and split of whole model state dicts (megatron-core local spec + Monarch).
+
+Which entries are sharded, and how, is megatron-core's layout for the layers our models use:
+
+* column-parallel ``linear_qkv`` / ``linear_fc1``: ``weight (out/t, in)`` and ``bias (out/t)``
+  concatenated along dim 0 (qkv included: each rank holds whole query groups, so concatenating
+  ranks gives the TP-independent global order);
+* row-parallel ``linear_proj`` / ``linear_fc2``: ``weight (out, in/t)`` concatenated along dim 1;
+  the bias is replicated;
+* ``embedding.word_embeddings.weight`` and ``output_layer.{weight,bias}``: vocabulary-parallel,
+  dim 0;
+* Monarch factors ``blkdiag1`` / ``blkdiag2``: :func:`~monarch_megatron.parallel.merge_monarch` /
+  :func:`~monarch_megatron.parallel.split_monarch` with the layer's style (exact); Monarch biases
+  follow the dense layer's layout;
+* everything else (layer norms, position / token-type embeddings, pooler, heads, ``_extra_state``)
+  is replicated: rank 0's copy is taken.
+
+The global form is a state dict with the same keys, holding full tensors; Monarch layers keep
+their ``blkdiag1`` / ``blkdiag2`` keys with the global factors.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..parallel import merge_monarch, split_monarch
+from .checkpoint import ConversionError
+
+# megatron module name -> (our layer name, TP style)
+LINEARS = {"linear_qkv": ("qkv", "column"), "linear_fc1": ("fc1", "column"),
+           "linear_proj": ("proj", "row"), "linear_fc2": ("fc2", "row")}
+_LINEAR_KEY = re.compile(
+    r"^(?P<prefix>.*\.layers\.\d+\.(?:self_attention|mlp)\.(?P<module>linear_qkv|linear_proj|linear_fc1|linear_fc2))"
+    r"\.(?P<param>weight|bias|blkdiag1|blkdiag2|_extra_state)$")
+_VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
+
+
+def parse_linear_key(key: str) -> tuple[str, str, str, str] | None:
+    """``(module prefix, layer name, style, param)`` of a transformer-layer linear's entry, else None."""
+    m = _LINEAR_KEY.match(key)
+    if m is None:
+        return None
+    name, style = LINEARS[m["module"]]
+    return m["prefix"], name, style, m["param"]
+
+
+def shard_dim(key: str) -> int | None:
+    """The dimension along which a dense / bias entry is TP-sharded, or None (replicated / Monarch)."""
+    if key in _VOCAB_PARALLEL:
+        return 0
+    parsed = parse_linear_key(key)
+    if parsed is None:
+        return None
+    _, _, style, param = parsed
+    if param == "weight":
+        return 0 if style == "column" else 1
+    if param == "bias" and style == "column":
+        return 0
+    return None
+
+
+def linear_prefixes(state: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """``{module prefix: (layer name, style)}`` of every transformer-layer linear in ``state``."""
+    out = {}
+    for key in state:
+        parsed = parse_linear_key(key)
+        if parsed is not None:
+            out[parsed[0]] = (parsed[1], parsed[2])
+    return out
+
+
+def merge_tp(modules: list[dict[str, Any]]) -> dict[str, Any]:
+    """The global state dict of TP shards ``modules`` (rank order). Exact: only concatenations."""
+    if len(modules) == 1:
+        return dict(modules[0])
+    merged: dict[str, Any] = {}
+    for key, first in modules[0].items():
+        parsed = parse_linear_key(key)
+        if parsed is not None and parsed[3] in ("blkdiag1", "blkdiag2"):
+            if parsed[3] == "blkdiag2":
+                continue  # merged with blkdiag1
+            prefix, _, style, _ = parsed
+            try:
+                w1, w2 = merge_monarch([(sd[f"{prefix}.blkdiag1"], sd[f"{prefix}.blkdiag2"]) for sd in modules], style)
+            except (KeyError, ValueError) as err:
+                raise ConversionError(f"cannot merge the TP shards of {prefix}: {err}") from None
+            merged[f"{prefix}.blkdiag1"], merged[f"{prefix}.blkdiag2"] = w1, w2
+            continue
+        dim = shard_dim(key)
+        if dim is None or not torch.is_tensor(first):
+            merged[key] = first
+        else:
+            shapes = {tuple(sd[key].shape) for sd in modules}
+            if len(shapes) != 1:
+                raise ConversionError(f"TP shards of {key} differ in shape: {sorted(shapes)}")
+            merged[key] = torch.cat([sd[key] for sd in modules], dim=dim)
+    # Keep the source key order (blkdiag2 right after blkdiag1).
+    return {k: merged[k] for k in modules[0] if k in merged}
+
+
+def split_tp(state: dict[str, Any], tp: int) -> list[dict[str, Any]]:
+    """Per-rank state dicts of the global ``state`` for TP size ``tp`` (new contiguous tensors).
+
+    Raises:
+        ConversionError: a sharded dimension or a Monarch layout does not divide by ``tp``.
+    """
+    if tp == 1:
+        return [dict(state)]
+    shards: list[dict[str, Any]] = [{} for _ in range(tp)]
+    for key, value in state.items():
+        parsed = parse_linear_key(key)
+        if parsed is not None and parsed[3] == "blkdiag2":
+            continue
+        if parsed is not None and parsed[3] == "blkdiag1":
+            prefix, name, style, _ = parsed
+            try:
+                pairs = split_monarch(value, state[f"{prefix}.blkdiag2"], tp, style)
+            except ValueError as err:
+                raise ConversionError(f"cannot shard {prefix} ({name}) over tensor_parallel={tp}: {err}") from None
+            for sd, (w1, w2) in zip(shards, pairs):
+                sd[f"{prefix}.blkdiag1"], sd[f"{prefix}.blkdiag2"] = w1, w2
+            continue
+        dim = shard_dim(key)
+        if dim is None or not torch.is_tensor(value):
+            for sd in shards:
+                sd[key] = value  # replicated (the same tensor object: saved once per file)
+            continue
+        if value.shape[dim] % tp:
+            raise ConversionError(f"{key} has {value.shape[dim]} entries along its TP dimension {dim}, "
+                                  f"not divisible by tensor_parallel={tp}")
+        for sd, part in zip(shards, torch.chunk(value, tp, dim=dim)):
+            sd[key] = part.clone(memory_format=torch.contiguous_format)  # a view would save the whole tensor
+    return [{k: sd[k] for k in state if k in sd} for sd in shards]
+
+
+def check_replicated_agree(modules: list[dict[str, Any]]) -> list[str]:
+    """Names of replicated tensors whose TP copies differ (they should be bitwise equal)."""
+    bad = []
+    for key, first in modules[0].items():
+        parsed = parse_linear_key(key)
+        if not torch.is_tensor(first) or shard_dim(key) is not None or (parsed and parsed[3].startswith("blkdiag")):
+            continue
+        if any(sd[key].shape != first.shape or not torch.equal(sd[key], first) for sd in modules[1:]):
+            bad.append(key)
+    return bad

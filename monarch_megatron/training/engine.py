@@ -1,0 +1,103 @@
+"""The DeepSpeed engine of one phase: ZeRO stage 1, precision, clipping, accumulation, optimizer.
+
+Precision contract ("AMP O2", DESIGN.md): ``fp16`` = half-precision model and activations, fp32
+master weights inside the partitioned ZeRO-1 optimizer, dynamic loss scaling; ``bf16`` the same
+without loss scaling; ``fp32`` everything in fp32. The learning rate is set by the training loop
+at every step from :mod:`.schedule` (a pure function of the step), so DeepSpeed gets no scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import deepspeed
+import torch
+
+from .config import RunConfig
+from .distributed import Layout, MegatronMPU
+from .optim import build_optimizer
+from .phases import Phase
+
+logger = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: RunConfig, phase: Phase, layout: Layout) -> dict[str, Any]:
+    """The DeepSpeed JSON config of ``phase`` (batch sizes per DP rank, ZeRO-1, precision)."""
+    p = cfg.precision
+    ds: dict[str, Any] = {
+        "train_batch_size": phase.global_batch_size,
+        "train_micro_batch_size_per_gpu": phase.micro_batch_size,
+        "gradient_accumulation_steps": phase.grad_accumulation(layout.dp),
+        "gradient_clipping": phase.optimizer.grad_clip,
+        "zero_optimization": {"stage": 1},
+        # torch's AdamW / ZeroLamb are not in DeepSpeed's list; ZeroLamb is written for ZeRO partitions.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if p.dtype == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": p.initial_loss_scale_power,
+                      "loss_scale_window": p.loss_scale_window, "hysteresis": p.hysteresis,
+                      "min_loss_scale": p.min_loss_scale}
+    elif p.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def build_engine(cfg: RunConfig, phase: Phase, model: torch.nn.Module, layout: Layout):
+    """Wrap ``model`` (already in the phase precision) in a DeepSpeed engine with its optimizer.
+
+    Returns:
+        ``(engine, description)``; ``engine.optimizer`` is DeepSpeed's ZeRO-1 optimizer around ours.
+    """
+    from megatron.core import parallel_state
+
+    o = phase.optimizer
+    optimizer, desc = build_optimizer(
+        model, o.name, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+        dp_group=parallel_state.get_data_parallel_group(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, phase, layout), mpu=MegatronMPU(),
+        dist_init_required=False,
+    )
+    if hasattr(optimizer, "attach_zero_layout"):
+        optimizer.attach_zero_layout(engine.optimizer, layout.dp_rank)
+    return engine, desc
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    """Write ``lr`` into every parameter group (DeepSpeed's wrapper and the inner optimizer)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    inner = getattr(engine.optimizer, "optimizer", None)
+    if inner is not None:
+        for group in inner.param_groups:
+            group["lr"] = lr
+
+
+def loss_scale(engine) -> float:
+    """Current dynamic loss scale (1.0 without fp16)."""
+    try:
+        return float(engine.optimizer.cur_scale) if engine.fp16_enabled() else 1.0
+    except AttributeError:
+        return 1.0
+
+
+def grad_norm(engine) -> float | None:
+    """Global gradient norm of the last step (before clipping), or None if unknown."""
+    value = engine.get_global_grad_norm()
+    if value is None:
+        return None
+    return float(value)
+
+
+def release(engine) -> None:
+    """Drop an engine's references so its memory can be reclaimed before the next phase's engine."""
+    try:
+        engine.destroy()
+    except Exception:  # older/newer DeepSpeed without destroy(): references are dropped anyway
+        pass

@@ -1,0 +1,252 @@
+"""The training service: phases, steps, validation, checkpoints, resume, signals.
+
+``Trainer(cfg, layout).run()`` trains every phase of the plan in order. It resumes from the latest
+complete checkpoint under ``<output_dir>/checkpoints`` (so re-running the same command continues a
+killed run), performs phase transitions (the Monarch -> dense switch included, :mod:`.switch`)
+in-process, and on SIGTERM / SIGUSR1 (Slurm pre-emption) saves a checkpoint and returns.
+
+Determinism: the data order is a function of the step (:mod:`.batches`), dropout is reseeded
+from (seed, step, DP rank) at every step, the learning rate is a function of the step
+(:mod:`.schedule`), and phase transitions are re-done identically from the phase's last
+checkpoint. So on CPU in fp32 the losses after a resume equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..data import load_tokenizer
+from ..models import ModelConfig, forward_step
+from .batches import PhaseData, prepare_data
+from .checkpoint import CheckpointManager, checkpoint_tag
+from .config import RunConfig
+from .distributed import Layout, all_reduce_mean, seed_everything, step_seed
+from .engine import grad_norm, loss_scale, set_learning_rate
+from .flops import train_flops_per_sequence
+from .metrics import Metrics, StepTimer, logger
+from .phases import Phase, build_plan, total_steps
+from .schedule import learning_rate
+from .switch import build_phase_engine, transition
+from .schema_io import to_plain
+
+
+class Trainer:
+    """One training run (see module docstring). All ranks construct it and call :meth:`run`."""
+
+    def __init__(self, cfg: RunConfig, layout: Layout) -> None:
+        self.cfg, self.layout = cfg, layout
+        self.plan = build_plan(cfg)
+        self.total = total_steps(self.plan)
+        self.ckpt = CheckpointManager(cfg.output_dir, layout, cfg.training.keep_last)
+        self.metrics = Metrics(cfg.output_dir, layout.is_logger, self.total)
+        self.engine: Any = None
+        self.optimizer_desc = ""
+        self.step = 0
+        self._stop_signal = 0
+        self._data: dict[int, PhaseData] = {}
+        self.model_cfg = self.model_config(cfg)
+        self.source = prepare_data(cfg)
+        self.tokenizer = load_tokenizer(self.source.tokenizer_model)
+        if self.tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is {cfg.vocab_size}")
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def model_config(cfg: RunConfig) -> ModelConfig:
+        """The models package's ``ModelConfig`` of ``cfg`` (vocabulary resolved)."""
+        m = cfg.model
+        return ModelConfig(
+            kind=m.kind, num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+            ffn_hidden_size=m.ffn_hidden_size, vocab_size=cfg.vocab_size, max_position_embeddings=m.max_position_embeddings,
+            hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, init_method_std=m.init_method_std,
+            sentence_order=m.sentence_order, make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+
+    def data(self, phase: Phase) -> PhaseData:
+        """The phase's datasets (built on first use; earlier phases' are dropped)."""
+        if phase.index not in self._data:
+            self._data = {k: v for k, v in self._data.items() if k >= phase.index - 1}
+            self._data[phase.index] = PhaseData(self.cfg, phase, self.layout, self.source, self.tokenizer)
+        return self._data[phase.index]
+
+    def phase_end_tag(self, phase: Phase) -> str:
+        return checkpoint_tag(phase.end, phase.name)
+
+    def run_state(self, phase: Phase) -> dict[str, Any]:
+        """The ``run_state.json`` content for the current step (see checkpoint.py)."""
+        done = sum(min(max(self.step - p.start, 0), p.steps) * p.global_batch_size for p in self.plan)
+        return {
+            "step": self.step, "total_steps": self.total, "phase_index": phase.index, "phase": phase.name,
+            "phase_kind": phase.kind, "phase_step": self.step - phase.start, "phase_steps": phase.steps,
+            "phase_end": self.step == phase.end, "consumed_samples": done,
+            "phase_consumed_samples": (self.step - phase.start) * phase.global_batch_size,
+            "config_hash": self.cfg.config_hash(), "run_name": self.cfg.run_name,
+            "model": {**to_plain(self.cfg.model), "vocab_size": self.cfg.vocab_size},
+            "monarch": None if phase.monarch is None else {"layers": list(phase.monarch.layers), "nblocks": phase.monarch.nblocks},
+            "precision": self.cfg.precision.dtype, "tensor_model_parallel_size": self.layout.tp,
+            "data_parallel_size": self.layout.dp, "world_size": self.layout.world,
+        }
+
+    def save(self, phase: Phase) -> str:
+        tag = self.ckpt.save(self.engine, self.run_state(phase))
+        logger.info("saved checkpoint %s", self.ckpt.path(tag))
+        return tag
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> bool:
+        """True on every rank when any rank got SIGTERM / SIGUSR1 (one tiny all-reduce per step)."""
+        flag = torch.tensor([float(self._stop_signal)])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, phase: Phase) -> dict[str, float]:
+        """Mean validation losses over the fixed validation micro-batches (all DP ranks)."""
+        from megatron.core import parallel_state
+
+        module = self.engine.module
+        module.eval()
+        sums: dict[str, float] = {}
+        batches = self.data(phase).valid_micro_batches()
+        for batch in batches:
+            loss, values = forward_step(module, batch, self.cfg.model.kind)
+            for k, v in {"loss": float(loss), **values}.items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        module.train()
+        keys = sorted(sums)
+        return dict(zip(keys, all_reduce_mean([sums[k] for k in keys], parallel_state.get_data_parallel_group())))
+
+    # -- training --------------------------------------------------------------------------------
+    def train_phase(self, phase: Phase) -> bool:
+        """Train from ``self.step`` to the end of ``phase``; True if stopped by a signal."""
+        from megatron.core import parallel_state
+
+        cfg, lay, t = self.cfg, self.layout, self.cfg.training
+        dp_group = parallel_state.get_data_parallel_group()
+        batches = self.data(phase).train_micro_batches(self.step - phase.start)
+        acc = phase.grad_accumulation(lay.dp)
+        tokens = phase.global_batch_size * phase.seq_length
+        flops = train_flops_per_sequence(cfg.model, cfg.vocab_size, phase.monarch, phase.seq_length) * phase.global_batch_size
+        timer = StepTimer()
+        self.engine.train()
+        while self.step < phase.end:
+            timer.start()
+            seed_everything(step_seed(cfg.seed, self.step, lay.dp_rank))
+            lr = learning_rate(phase, self.step, self.total)
+            set_learning_rate(self.engine, lr)
+            sums: dict[str, float] = {}
+            for _ in range(acc):
+                loss, values = forward_step(self.engine, next(batches), cfg.model.kind)
+                self.engine.backward(loss)
+                self.engine.step()
+                for k, v in {"loss": float(loss.detach()), **values}.items():
+                    sums[k] = sums.get(k, 0.0) + v / acc
+            keys = sorted(sums)
+            means = dict(zip(keys, all_reduce_mean([sums[k] for k in keys], dp_group)))
+            seconds = timer.stop()
+            self.step += 1
+            means.update({"learning-rate": lr, "loss-scale": loss_scale(self.engine), "grad-norm": grad_norm(self.engine)})
+            self.metrics.train_step(self.step, phase.index, means, seconds, tokens, flops, lay.world)
+            if self.step % t.log_interval == 0 or self.step == phase.end:
+                self.metrics.progress_line(self.step, phase.name)
+            if self.step % t.eval_interval == 0:
+                self.metrics.validation(self.step, self.validate(phase), phase.name)
+            if self.step % t.save_interval == 0 and self.step != phase.end:
+                self.save(phase)
+            if self._stop_requested():
+                logger.info("signal %d received: saving and exiting at step %d", self._stop_signal, self.step)
+                if self.step != phase.end:
+                    self.save(phase)
+                return True
+        return False
+
+    def _start(self) -> Phase:
+        """Build the engine for the first step to run: fresh, or from the latest checkpoint."""
+        latest = self.ckpt.latest()
+        if latest is None:
+            phase = self.plan[0]
+            self.engine, self.optimizer_desc = build_phase_engine(self.cfg, self.model_cfg, phase, self.layout, None)
+            self.step = 0
+            logger.info("starting a new run: %d steps in %d phase(s); output in %s", self.total, len(self.plan), self.cfg.output_dir)
+            return phase
+        tag, state = latest
+        if state.get("config_hash") != self.cfg.config_hash():
+            logger.warning("WARNING: the config changed since checkpoint %s was written (hash %s, now %s)",
+                           tag, state.get("config_hash"), self.cfg.config_hash())
+        phase = self.plan[state["phase_index"]]
+        self.engine, self.optimizer_desc = build_phase_engine(self.cfg, self.model_cfg, phase, self.layout, None)
+        self.ckpt.load(self.engine, tag, load_optimizer=True)
+        self.step = state["step"]
+        logger.info("resuming from checkpoint %s (step %d/%d, phase %s, %s)", self.ckpt.path(tag), self.step,
+                    self.total, phase.name, phase.kind)
+        return phase
+
+    def _switch(self, old: Phase, new: Phase) -> Phase:
+        t0 = time.perf_counter()
+        logger.info("phase %s (%s) done at step %d; entering phase %s (%s, optimizer state: %s)",
+                    old.name, old.kind, self.step, new.name, new.kind, new.optimizer_state)
+        self.engine, losses = transition(self, old, new)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # so each phase's max-memory-gb is its own
+        if losses is not None:
+            self.metrics.scalar("switch/val-loss-before", losses["before"], self.step)
+            self.metrics.scalar("switch/val-loss-after", losses["after"], self.step)
+            rel = abs(losses["after"] - losses["before"]) / max(abs(losses["before"]), 1e-12)
+            self.metrics.record("switch", self.step, {"val-loss-before": losses["before"],
+                                                      "val-loss-after": losses["after"], "rel-diff": rel,
+                                                      "seconds": time.perf_counter() - t0})
+            logger.info("switch %s -> %s at step %d: fixed-batch val loss before %.6f, after %.6f (rel diff %.2e), %.1fs",
+                        old.kind, new.kind, self.step, losses["before"], losses["after"], rel, time.perf_counter() - t0)
+            if self.cfg.training.save_at_switch:
+                self.save(new)
+        return new
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or until a signal); returns a summary dict."""
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return self._run()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            self.metrics.close()
+
+    def _run(self) -> dict[str, Any]:
+        if self.layout.is_logger:
+            with open(os.path.join(self.cfg.output_dir, "config.yaml"), "w") as f:
+                f.write(self.cfg.to_yaml())
+        self.ckpt.clean_staging()
+        phase = self._start()
+        logger.info("optimizer: %s; precision %s; TP %d x DP %d", self.optimizer_desc, self.cfg.precision.dtype,
+                    self.layout.tp, self.layout.dp)
+        logger.info("TensorBoard logs: %s  (tensorboard --logdir %s)", self.metrics.tb_dir, self.metrics.tb_dir)
+        while True:
+            if self.step < phase.end and self.train_phase(phase):
+                self.metrics.flush()
+                return {"stopped": True, "step": self.step}
+            if not os.path.isdir(self.ckpt.path(self.phase_end_tag(phase))):
+                self.save(phase)
+            if phase.index == len(self.plan) - 1:
+                break
+            phase = self._switch(phase, self.plan[phase.index + 1])
+        final = self.validate(phase)
+        if self.step % self.cfg.training.eval_interval != 0:
+            self.metrics.validation(self.step, final, phase.name)
+        self.metrics.flush()
+        logger.info("run complete: %d steps; final validation loss %.4f; TensorBoard logs in %s",
+                    self.step, final["loss"], self.metrics.tb_dir)
+        return {"stopped": False, "step": self.step, "final_valid": final}
+
+
+__all__ = ["Trainer"]

@@ -1,0 +1,159 @@
+"""Run logging: TensorBoard (Megatron's scalar names), train.log, per-step metrics.jsonl, console.
+
+Only the logging rank (global rank 0) writes; all methods are no-ops elsewhere. Scalars:
+``lm loss``, ``sop loss``, ``learning-rate``, ``loss-scale``, ``grad-norm``, ``iteration-time``
+(seconds per step), ``throughput`` (TFLOP/s per GPU, Monarch FLOPs counted as they are executed),
+``tokens-per-sec``, ``phase`` (phase index), validation ``lm loss validation`` /
+``sop loss validation``, and ``switch/val-loss-before`` / ``switch/val-loss-after``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("monarch_megatron.training")
+
+
+def setup_logging(output_dir: str, is_logger: bool) -> None:
+    """Console + ``<output_dir>/train.log`` on the logging rank; warnings only elsewhere."""
+    root = logging.getLogger("monarch_megatron")
+    root.handlers.clear()
+    root.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if is_logger:
+        os.makedirs(output_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output_dir, "train.log"))
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+        root.setLevel(logging.INFO)
+    else:
+        root.setLevel(logging.WARNING)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Metrics:
+    """TensorBoard writer + jsonl record + console progress lines for one run."""
+
+    def __init__(self, output_dir: str, is_logger: bool, total_steps: int) -> None:
+        self.is_logger = is_logger
+        self.total = total_steps
+        self.tb_dir = os.path.join(output_dir, "tensorboard")
+        self.writer = None
+        self.jsonl = None
+        self._window: list[dict[str, float]] = []
+        self._times: list[float] = []
+        if is_logger:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.tb_dir)
+            self.jsonl = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def record(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        """Append one line to metrics.jsonl (``kind``: train / valid / switch)."""
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+            self.jsonl.flush()
+
+    def train_step(self, step: int, phase_index: int, values: dict[str, float], seconds: float,
+                   tokens: int, flops: float, world: int) -> None:
+        """Record completed global step ``step`` (1-based) of ``phase_index``.
+
+        ``values`` holds the DP-averaged ``lm loss`` / ``sop loss`` / ``loss`` and the optimizer's
+        ``learning-rate``, ``loss-scale``, ``grad-norm``; ``tokens`` / ``flops`` are per step, whole job.
+        """
+        if not self.is_logger:
+            return
+        tps = tokens / seconds if seconds > 0 else 0.0
+        tflops = flops / seconds / world / 1e12 if seconds > 0 else 0.0
+        row = {**values, "iteration-time": seconds, "tokens-per-sec": tps, "throughput": tflops, "phase": phase_index}
+        if torch.cuda.is_available():
+            row["max-memory-gb"] = torch.cuda.max_memory_allocated() / 2**30  # GiB, peak of the phase
+        for name, v in row.items():
+            if name != "loss" and v is not None:
+                self.scalar(name, v, step)
+        self.record("train", step, row)
+        self._window.append(row)
+        self._times.append(seconds)
+
+    def progress_line(self, step: int, phase_name: str) -> None:
+        """Console line averaging the steps since the previous line."""
+        if not self.is_logger or not self._window:
+            return
+        w = self._window
+        mean = {k: sum(r[k] for r in w if r.get(k) is not None) / max(1, sum(r.get(k) is not None for r in w))
+                for k in ("loss", "lm loss", "sop loss", "tokens-per-sec", "throughput")}
+        recent = self._times[-50:]
+        eta = (self.total - step) * (sum(recent) / len(recent))
+        parts = [f"step {step}/{self.total} [{phase_name}]", f"loss {mean['loss']:.4f}", f"lm {mean['lm loss']:.4f}"]
+        if any(r.get("sop loss") is not None for r in w):
+            parts.append(f"sop {mean['sop loss']:.4f}")
+        parts += [f"lr {w[-1]['learning-rate']:.3e}", f"{mean['tokens-per-sec']:,.0f} tok/s",
+                  f"{mean['throughput']:.3f} TFLOP/s/GPU"]
+        if w[-1].get("grad-norm") is not None:
+            parts.append(f"gnorm {w[-1]['grad-norm']:.3f}")
+        if w[-1].get("max-memory-gb") is not None:
+            parts.append(f"mem {w[-1]['max-memory-gb']:.1f} GiB")
+        parts.append(f"ETA {format_duration(eta)}")
+        logger.info(" | ".join(parts))
+        self._window = []
+
+    def validation(self, step: int, values: dict[str, float], phase_name: str) -> None:
+        if not self.is_logger:
+            return
+        for name, v in values.items():
+            self.scalar(f"{name} validation", v, step)
+        self.record("valid", step, values)
+        logger.info("validation at step %d [%s]: %s", step, phase_name,
+                    ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+
+
+class StepTimer:
+    """Wall time of one step (synchronising the accelerator for honest numbers)."""
+
+    def __init__(self) -> None:
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        self._sync()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        return time.perf_counter() - self.t0
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
