@@ -6,29 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from monarch_megatron.models import ModelConfig, MonarchConfig, build_model, forward_step, parameter_report
 from monarch_megatron.monarch import monarch_factor_shapes
-from monarch_megatron.parallel import init_tensor_parallel
-from monarch_megatron.parallel.distributed import free_port
 
 TOL = 1e-5
 SEQ, BATCH, VOCAB = 16, 3, 256
-
-
-@pytest.fixture(scope="module")
-def tp1():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    init_tensor_parallel(1)
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
 
 
 def _cfg(kind: str, dropout: float = 0.0) -> ModelConfig:

@@ -6,27 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from monarch_megatron.parallel import SDPACoreAttention, init_tensor_parallel
-from monarch_megatron.parallel.distributed import free_port
+from monarch_megatron.parallel import SDPACoreAttention
 
 TOL = 1e-10
 S, B, HEADS, HN = 12, 3, 4, 8
-
-
-@pytest.fixture(scope="module")
-def tp1():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    init_tensor_parallel(1)
-    yield
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
 
 
 def _pair(mask_type, groups: int = HEADS, dropout: float = 0.0):
