@@ -92,12 +92,15 @@ def monarch_multiply_torch(
     l, s, _ = w2.shape
     batch_shape = x.shape[:-1]
     device_type = x.device.type
+    x2 = x.reshape(-1, k * p)
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-    with torch.autocast(device_type, enabled=False):
-        out = _MonarchMultiplyTorch.apply(x.reshape(-1, k * p).contiguous(), w1.contiguous(), w2.contiguous(),
-                                          output_permutation)
+        with torch.autocast(device_type, enabled=False):
+            out = _MonarchMultiplyTorch.apply(x2.to(dtype).contiguous(), w1.to(dtype).contiguous(),
+                                              w2.to(dtype).contiguous(), output_permutation)
+    else:
+        # The common training case (DeepSpeed half-precision model): no context managers, no casts.
+        out = _MonarchMultiplyTorch.apply(x2.contiguous(), w1.contiguous(), w2.contiguous(), output_permutation)
     return out.reshape(*batch_shape, l * s)
 
 
