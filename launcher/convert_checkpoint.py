@@ -13,7 +13,9 @@ only (no optimizer state: training from it starts fresh optimizer moments), run_
 new phase_kind / monarch / tensor_model_parallel_size and a "converted_from" record. It loads with
 launcher/evaluate.py (launch with as many processes as --tensor-parallel and pass
 parallel.tensor_model_parallel_size=N), with DeepSpeed's load_checkpoint(load_module_only=True), and
-a dense output into a plain megatron-core model built from its local layer spec.
+a dense output into a plain megatron-core model built from its local layer spec. A new training run
+starts from it with training.init_from=OUTPUT (fresh optimizer, step 0); a run's resume scan never
+picks a converted checkpoint, even one inside its checkpoints/ directory.
 
 --to monarch prints every projected layer's relative approximation error ||W - M||_F / ||W||_F and
 the overall one. The output is written atomically (a hidden staging directory renamed into place);

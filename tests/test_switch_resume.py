@@ -1,41 +1,39 @@
 """The in-job switch and resume around it: the fixed-batch validation loss before and after the
 switch agree (rel 1e-5, fp32); a run killed before, during or after the switch (its checkpoint
 directory cut back to what such a kill leaves) resumes to the uninterrupted run's final state
-(identical losses and weights); evaluate.py gives a Monarch checkpoint and its dense conversion
-the same val_loss."""
+(identical losses and weights); so does a run stopped by SIGTERM during the Monarch phase's last
+step or during the switch (the checkpoint it leaves is the phase-end / switch one, and the resume
+switches once); evaluate.py gives a Monarch checkpoint and its dense conversion the same val_loss."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
+import signal
 
 import pytest
 import torch
 
 from monarch_megatron.training.config import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-DATA = os.path.join(tempfile.gettempdir(), "monarch_megatron_test_demo_data")
-TINY = [
-    f"data.cache_dir={DATA}", "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
-    "model.ffn_hidden_size=64", "model.max_position_embeddings=32", "training.seq_length=32",
-    "training.micro_batch_size=4", "training.global_batch_size=8", "training.total_steps=10",
-    "training.log_interval=5", "training.eval_interval=100", "training.eval_iters=2", "training.save_interval=3",
-    "training.keep_last=10", "phases.0.share=0.6", "phases.0.monarch.nblocks=2", "phases.1.share=0.4",
-]
+from tiny_demo import DEMO, tiny_overrides
+
+TINY = tiny_overrides(
+    "training.total_steps=10", "training.log_interval=5", "training.eval_interval=100", "training.eval_iters=2",
+    "training.save_interval=3", "training.keep_last=10", "phases.0.share=0.6", "phases.0.monarch.nblocks=2",
+    "phases.1.share=0.4",
+)
 
 
-def cfg_for(out: str):
-    return load_config(DEMO, [f"output_dir={out}", *TINY])
+def cfg_for(out: str, *extra: str):
+    return load_config(DEMO, [f"output_dir={out}", *TINY, *extra])
 
 
-def train(out: str) -> dict:
+def train(out: str, *extra: str) -> dict:
     from monarch_megatron.training.run import train as run_train
 
-    return run_train(cfg_for(out))
+    return run_train(cfg_for(out, *extra))
 
 
 def rows(out: str, kind: str) -> dict[int, dict]:
@@ -102,6 +100,51 @@ def test_killed_around_the_switch_resumes_to_the_same_final_state(reference: str
         assert torch.equal(final[key], ref_final[key]), key
     state = json.load(open(os.path.join(out, "checkpoints", "step0000010-dense", "run_state.json")))
     assert state["phase_kind"] == "dense" and state["step"] == 10 and state["complete"]
+
+
+@pytest.mark.parametrize("when,extra,saved", [
+    ("last-step", [], "step0000006-monarch"),  # used to save nothing: the resume redid steps 4-6
+    ("switch", [], "step0000006-dense"),
+    ("switch", ["training.save_at_switch=false"], "step0000006-dense"),
+])
+def test_signal_at_phase_end_or_switch_saves_and_resumes_to_the_same_final_state(
+        reference: str, tmp_path, monkeypatch, when: str, extra, saved: str) -> None:
+    from monarch_megatron.training import loop
+
+    if when == "last-step":  # SIGTERM while the Monarch phase's last step (step 6) runs
+        original = loop.learning_rate
+
+        def hook(phase, step, total):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(phase, step, total)
+
+        monkeypatch.setattr(loop, "learning_rate", hook)
+    else:  # SIGTERM while the Monarch -> dense switch runs
+        original = loop.transition
+
+        def hook(trainer, old, new):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return original(trainer, old, new)
+
+        monkeypatch.setattr(loop, "transition", hook)
+    out = str(tmp_path)
+    assert train(out, *extra) == {"stopped": True, "step": 6}
+    monkeypatch.undo()
+    from monarch_megatron.training.checkpoint import CheckpointManager
+    from monarch_megatron.training.distributed import Layout
+
+    tag, _ = CheckpointManager(out, Layout(1, 0, 1, 0, 1, 0), 10).latest()
+    assert tag == saved  # the resume point is the phase end (or the switch), not step 3
+    state = json.load(open(os.path.join(out, "checkpoints", saved, "run_state.json")))
+    assert state["step"] == 6 and state["complete"]
+    assert train(out, *extra)["step"] == 10
+    assert {k: r["loss"] for k, r in rows(out, "train").items()} == {k: r["loss"] for k, r in rows(reference, "train").items()}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert sum(json.loads(line)["kind"] == "switch" for line in f) == 1  # switched once, no redo
+    final, ref_final = weights(out, "step0000010-dense"), weights(reference, "step0000010-dense")
+    for key in ref_final:
+        assert torch.equal(final[key], ref_final[key]), key
 
 
 def test_evaluate_gives_monarch_checkpoint_and_its_dense_switch_the_same_val_loss(reference: str) -> None:

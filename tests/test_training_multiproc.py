@@ -8,21 +8,16 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-DATA = os.path.join(tempfile.gettempdir(), "monarch_megatron_test_demo_data")
-TINY = [
-    f"data.cache_dir={DATA}", "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
-    "model.ffn_hidden_size=64", "model.max_position_embeddings=32", "model.hidden_dropout=0.0",
-    "model.attention_dropout=0.0", "training.seq_length=32", "training.micro_batch_size=4",
-    "training.global_batch_size=8", "training.total_steps=6", "training.log_interval=1", "training.eval_interval=100",
-    "training.eval_iters=1", "training.save_interval=100", "phases.0.share=0.5", "phases.0.monarch.nblocks=2",
-    "phases.1.share=0.5",
-]
+from tiny_demo import DEMO, ROOT, tiny_overrides
+
+TINY = tiny_overrides(
+    "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "training.total_steps=6", "training.log_interval=1",
+    "training.eval_interval=100", "training.eval_iters=1", "training.save_interval=100", "phases.0.share=0.5",
+    "phases.0.monarch.nblocks=2", "phases.1.share=0.5",
+)
 
 
 def records(out: str, kind: str) -> dict[int, dict]:

@@ -9,25 +9,20 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 from monarch_megatron.training.config import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-DATA = os.path.join(tempfile.gettempdir(), "monarch_megatron_test_demo_data")
+from tiny_demo import DEMO, ROOT, tiny_overrides
 
 # 10 steps: Monarch for 6, dense for 4; checkpoints every 3 steps.
-TINY = [
-    f"data.cache_dir={DATA}", "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
-    "model.ffn_hidden_size=64", "model.max_position_embeddings=32", "training.seq_length=32",
-    "training.micro_batch_size=4", "training.global_batch_size=8", "training.total_steps=10",
-    "training.log_interval=2", "training.eval_interval=5", "training.eval_iters=1", "training.save_interval=3",
-    "training.keep_last=3", "phases.0.share=0.6", "phases.0.monarch.nblocks=2", "phases.1.share=0.4",
-]
+TINY = tiny_overrides(
+    "training.total_steps=10", "training.log_interval=2", "training.eval_interval=5", "training.eval_iters=1",
+    "training.save_interval=3", "training.keep_last=3", "phases.0.share=0.6", "phases.0.monarch.nblocks=2",
+    "phases.1.share=0.4",
+)
 
 
 def tiny_args(out: str, *extra: str) -> list[str]:

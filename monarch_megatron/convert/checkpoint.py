@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..training.checkpoint import RUN_STATE
+from ..training.checkpoint import RUN_STATE, fsync_dir
 
 MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
 # DeepSpeed bookkeeping that describes the optimizer or the data-parallel layout of the run that
@@ -134,14 +134,6 @@ def check_output_path(output: str, inputs: str, force: bool) -> str:
     return out
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(
     output: str,
     modules: list[dict[str, Any]],
@@ -180,7 +172,7 @@ def write_checkpoint(
             json.dump(run_state, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(stage)
+        fsync_dir(stage)
         if os.path.lexists(output):
             if not force:  # appeared while we were converting
                 raise ConversionError(f"output {output} exists; pass --force to replace it")
@@ -190,7 +182,7 @@ def write_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(stage, output)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -153,8 +153,9 @@ def convert_checkpoint(
     run_state = converted_run_state(src, output_dir, tgt, tp, provenance)
     write_checkpoint(output_dir, shards, src.meta[0], run_state, force)
     if os.path.basename(os.path.dirname(os.path.abspath(output_dir))) == "checkpoints":
-        log("  note: the output is inside a run's checkpoints/ directory; that run's resume scan treats it like its "
-            "own checkpoints (it has no optimizer state), so keep conversions outside live runs")
+        log("  note: the output is inside a run's checkpoints/ directory; that run's resume scan skips it (it is "
+            "marked converted_from and has no optimizer state); start a new run from it with "
+            f"training.init_from={output_dir}")
     report.update(run_state=run_state, seconds=time.perf_counter() - t0)
     log(f"wrote {output_dir} ({run_state['phase_kind']}, TP={tp}, {len(shards)} model file(s), no optimizer state: "
         f"training from it starts fresh optimizer moments) in {report['seconds']:.1f}s")

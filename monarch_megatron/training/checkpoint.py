@@ -12,6 +12,11 @@ Atomicity: every rank writes into ``checkpoints/.staging/<tag>/``; after a barri
 always holds a complete checkpoint; a crash mid-save leaves only ``.staging`` debris, which the
 next run deletes. Resume picks the complete checkpoint with the highest (step, phase index).
 
+Converted checkpoints (``launcher/convert_checkpoint.py`` marks their ``run_state.json`` with
+``converted_from``; they hold no optimizer state) are never resume points, even when copied into a
+run's ``checkpoints/``: the scan skips them with a warning. Start a new run from one with
+``training.init_from`` (:mod:`.init_from`).
+
 Retention: the newest ``keep_last`` checkpoints, plus every phase's last checkpoint (the last
 Monarch checkpoint before the switch is what ``convert_checkpoint.py`` and evaluation use).
 """
@@ -19,6 +24,7 @@ Monarch checkpoint before the switch is what ``convert_checkpoint.py`` and evalu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -30,6 +36,8 @@ from .distributed import Layout
 
 STAGING = ".staging"
 RUN_STATE = "run_state.json"
+
+logger = logging.getLogger("monarch_megatron.training")
 
 
 def checkpoint_tag(step: int, phase_name: str) -> str:
@@ -46,7 +54,35 @@ def read_run_state(ckpt_dir: str) -> dict[str, Any] | None:
     return state if state.get("complete") else None
 
 
-def _fsync_dir(path: str) -> None:
+def scan_checkpoints(root: str) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """``(resumable, converted)`` under the checkpoints directory ``root``.
+
+    ``resumable``: the complete checkpoints the run wrote, as (tag, run_state), oldest first.
+    ``converted``: tags of complete checkpoints marked ``converted_from`` (never resume points).
+    """
+    if not os.path.isdir(root):
+        return [], []
+    found, converted = [], []
+    for tag in sorted(os.listdir(root)):
+        if tag.startswith("."):
+            continue
+        state = read_run_state(os.path.join(root, tag))
+        if state is None:
+            continue
+        if state.get("converted_from"):
+            converted.append(tag)
+        else:
+            found.append((tag, state))
+    return sorted(found, key=lambda ts: (ts[1]["step"], ts[1]["phase_index"])), converted
+
+
+def has_resume_point(output_dir: str) -> bool:
+    """Whether a run in ``output_dir`` would resume (cheap: reads run_state.json files only)."""
+    return bool(scan_checkpoints(os.path.join(output_dir, "checkpoints"))[0])
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory's entries (a rename into it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -67,21 +103,18 @@ class CheckpointManager:
             dist.barrier()
 
     def complete(self) -> list[tuple[str, dict[str, Any]]]:
-        """All complete checkpoints as (tag, run_state), oldest first."""
-        if not os.path.isdir(self.root):
-            return []
-        found = []
-        for tag in os.listdir(self.root):
-            if tag.startswith("."):
-                continue
-            state = read_run_state(os.path.join(self.root, tag))
-            if state is not None:
-                found.append((tag, state))
-        return sorted(found, key=lambda ts: (ts[1]["step"], ts[1]["phase_index"]))
-
+        """All complete checkpoints of this run as (tag, run_state), oldest first (converted
+        checkpoints excluded: they are neither resumed from nor pruned)."""
+        return scan_checkpoints(self.root)[0]
 
     def latest(self) -> tuple[str, dict[str, Any]] | None:
-        found = self.complete()
+        """The resume point (None: a new run); warns about converted checkpoints it skips."""
+        found, converted = scan_checkpoints(self.root)
+        for tag in converted:
+            logger.warning("WARNING: skipping %s as a resume point: it is a converted checkpoint (run_state.json has "
+                           "'converted_from'; no optimizer state). To start a new run from its weights, set "
+                           "training.init_from=%s (with an output_dir that has no checkpoints)", self.path(tag),
+                           self.path(tag))
         return found[-1] if found else None
 
     def path(self, tag: str) -> str:
@@ -110,7 +143,7 @@ class CheckpointManager:
                 json.dump(state, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(src)
+            fsync_dir(src)
             dst = self.path(tag)
             if os.path.exists(dst):  # re-saving a tag (rerun of the same step): swap atomically
                 old = os.path.join(staging, f"{tag}.old")
@@ -119,7 +152,7 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(src, dst)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             # DeepSpeed drops its recovery scripts (zero_to_fp32.py) next to the tag: keep them
             # where DeepSpeed users expect them, in checkpoints/.
             for name in os.listdir(staging):

@@ -13,7 +13,8 @@ A run is one YAML file (see configs/demo.yaml for an annotated example). Top-lev
     optimizer:  name lamb|adamw, lr, weight_decay, betas, eps, grad_clip
     lr_schedule: warmup_steps | warmup_fraction, decay_style linear|polynomial|cosine|constant,
                 power, min_lr, scope run|phase
-    training:   total_steps, micro_batch_size, global_batch_size, seq_length, intervals, keep_last
+    training:   total_steps, micro_batch_size, global_batch_size, seq_length, intervals, keep_last,
+                init_from (start a new run from a checkpoint's model weights)
     phases:     list; each: name, steps | share, monarch {layers, nblocks} | null (dense), and
                 optional seq_length / micro_batch_size / global_batch_size / optimizer /
                 lr_schedule overrides, optimizer_state fresh|keep, rewarmup_steps
@@ -116,6 +117,10 @@ class TrainingSection:
     save_interval: int = 100
     keep_last: int = 3
     save_at_switch: bool = True
+    # A checkpoint directory (the trainer's or convert_checkpoint.py's) whose model weights a NEW
+    # run starts from (fresh optimizer, step 0); ignored when output_dir has a checkpoint to
+    # resume from. See training/init_from.py.
+    init_from: str | None = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from .config import RunConfig
 from .distributed import Layout, all_reduce_mean, seed_everything, step_seed
 from .engine import grad_norm, loss_scale, set_learning_rate
 from .flops import train_flops_per_sequence
+from .init_from import check_init_from, load_init_weights
 from .metrics import Metrics, StepTimer, logger
 from .phases import Phase, build_plan, total_steps
 from .schedule import learning_rate
@@ -96,6 +97,15 @@ class Trainer:
         tag = self.ckpt.save(self.engine, self.run_state(phase))
         logger.info("saved checkpoint %s", self.ckpt.path(tag))
         return tag
+
+    def _save_current(self, phase: Phase) -> None:
+        """Save the current step in ``phase`` unless that checkpoint exists (e.g. saved at the switch)."""
+        if not os.path.isdir(self.ckpt.path(checkpoint_tag(self.step, phase.name))):
+            self.save(phase)
+
+    def _stopped(self) -> dict[str, Any]:
+        self.metrics.flush()
+        return {"stopped": True, "step": self.step}
 
     def _on_signal(self, signum: int, _frame) -> None:
         self._stop_signal = signum
@@ -165,22 +175,36 @@ class Trainer:
             if self.step % t.save_interval == 0 and self.step != phase.end:
                 self.save(phase)
             if self._stop_requested():
+                # The caller saves (at a phase's last step too: that is the phase-end checkpoint).
                 logger.info("signal %d received: saving and exiting at step %d", self._stop_signal, self.step)
-                if self.step != phase.end:
-                    self.save(phase)
                 return True
         return False
 
     def _start(self) -> Phase:
         """Build the engine for the first step to run: fresh, or from the latest checkpoint."""
         latest = self.ckpt.latest()
+        init_from = self.cfg.training.init_from
         if latest is None:
             phase = self.plan[0]
-            self.engine, self.optimizer_desc = build_phase_engine(self.cfg, self.model_cfg, phase, self.layout, None)
+            weights = None
+            if init_from:
+                source = check_init_from(self.cfg)  # again (cheap): run.train checked it before the process groups
+                weights = load_init_weights(init_from, self.layout.tp_rank)
+            self.engine, self.optimizer_desc = build_phase_engine(self.cfg, self.model_cfg, phase, self.layout, weights)
+            del weights
             self.step = 0
             logger.info("starting a new run: %d steps in %d phase(s); output in %s", self.total, len(self.plan), self.cfg.output_dir)
+            if init_from:
+                conv = source.get("converted_from") or {}
+                logger.info("initialised from the model weights of %s (%s%s, step %s of its run%s); fresh optimizer "
+                            "moments, step 0", init_from, source["phase_kind"],
+                            f" {source['monarch']}" if source.get("monarch") else "", source.get("step"),
+                            f"; converted from {conv.get('phase_kind')} {conv.get('path')}" if conv else "")
             return phase
         tag, state = latest
+        if init_from:
+            logger.info("training.init_from=%s is ignored: output_dir has a checkpoint to resume from (%s); resuming "
+                        "always wins", init_from, self.ckpt.path(tag))
         if state.get("config_hash") != self.cfg.config_hash():
             logger.warning("WARNING: the config changed since checkpoint %s was written (hash %s, now %s)",
                            tag, state.get("config_hash"), self.cfg.config_hash())
@@ -232,14 +256,23 @@ class Trainer:
                     self.layout.tp, self.layout.dp)
         logger.info("TensorBoard logs: %s  (tensorboard --logdir %s)", self.metrics.tb_dir, self.metrics.tb_dir)
         while True:
-            if self.step < phase.end and self.train_phase(phase):
-                self.metrics.flush()
-                return {"stopped": True, "step": self.step}
-            if not os.path.isdir(self.ckpt.path(self.phase_end_tag(phase))):
-                self.save(phase)
+            stopped = self.step < phase.end and self.train_phase(phase)
+            # The current step's checkpoint: the phase-end one (what the switch and resume start
+            # from), or, when a signal stopped the phase early, the last step done. A signal that
+            # arrived during the phase's last step lands here too, so its phase-end checkpoint is
+            # written before exiting (it used to be skipped: the resume then repeated the steps
+            # since the previous checkpoint).
+            self._save_current(phase)
+            if stopped:
+                return self._stopped()
             if phase.index == len(self.plan) - 1:
                 break
             phase = self._switch(phase, self.plan[phase.index + 1])
+            if self._stop_requested():  # a signal during the switch: keep its result, exit before training on
+                logger.info("signal %d received during the switch: saving and exiting at step %d",
+                            self._stop_signal, self.step)
+                self._save_current(phase)
+                return self._stopped()
         final = self.validate(phase)
         if self.step % self.cfg.training.eval_interval != 0:
             self.metrics.validation(self.step, final, phase.name)

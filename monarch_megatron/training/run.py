@@ -15,6 +15,12 @@ def check_runtime(cfg: RunConfig) -> None:
     """Config problems that depend on the machine (still before any process group)."""
     if cfg.precision.dtype == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision.dtype", "fp16 needs a GPU (DeepSpeed's fp16 optimizer); use bf16 or fp32 on CPU")
+    if cfg.training.init_from:
+        from .checkpoint import has_resume_point
+        from .init_from import check_init_from
+
+        if not has_resume_point(cfg.output_dir):  # resuming ignores init_from (the Trainer says so)
+            check_init_from(cfg)
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:

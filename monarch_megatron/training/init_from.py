@@ -1,0 +1,120 @@
+"""``training.init_from``: start a NEW run from the model weights of a checkpoint.
+
+The checkpoint is one the trainer wrote (``<output_dir>/checkpoints/<tag>``) or an output of
+``launcher/convert_checkpoint.py`` (e.g. a pretrained dense model projected to Monarch for sparse
+fine-tuning, or a Monarch checkpoint converted to dense). The new run starts at step 0 with fresh
+optimizer moments; only the module weights are taken. A checkpoint in the run's own
+``output_dir`` always wins: then the run resumes and ``init_from`` is ignored (the Trainer logs it).
+
+:func:`check_init_from` validates the checkpoint against the run's first phase from
+``run_state.json`` alone (cheap, before process groups; every problem is one
+:class:`ConfigError` naming ``training.init_from``, exit code 2, the checkpoint is only read).
+:func:`load_init_weights` reads this TP rank's ``"module"`` state dict, which the Trainer hands to
+:func:`.switch.build_phase_engine` like converted weights at the switch: that loads it into the
+model (cast to the model's dtype) and, in fp16/bf16, writes it as the ZeRO-1 fp32 master weights
+(:func:`.switch.set_master_params`), so the masters equal the loaded weights exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from .checkpoint import RUN_STATE
+from .config import RunConfig
+from .schema_io import ConfigError
+
+KEY = "training.init_from"
+MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
+# model entries that fix parameter shapes / module structure (dropouts and init std do not).
+STRUCTURE_KEYS = ("kind", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                  "max_position_embeddings", "sentence_order", "make_vocab_size_divisible_by")
+
+
+def _model_structure(model: dict[str, Any]) -> dict[str, Any]:
+    out = {k: model.get(k) for k in STRUCTURE_KEYS}
+    if out["ffn_hidden_size"] is None and out["hidden_size"] is not None:
+        out["ffn_hidden_size"] = 4 * out["hidden_size"]
+    return out
+
+
+def _convert_hint(path: str, to: str, nblocks: int | None = None, tp: int | None = None) -> str:
+    extra = (f" --nblocks {nblocks}" if nblocks else "") + (f" --tensor-parallel {tp}" if tp else "")
+    return f"python launcher/convert_checkpoint.py --input {path} --output <new dir> --to {to}{extra}"
+
+
+def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
+    """Validate ``training.init_from`` against ``cfg``'s first phase; returns its run_state (None if unset).
+
+    Raises:
+        ConfigError: (key ``training.init_from``) missing / incomplete checkpoint, other model
+            sizes, other structure (phase_kind, Monarch layers or nblocks), other TP size.
+    """
+    path = cfg.training.init_from
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise ConfigError(KEY, f"{path} is not a directory (expected a checkpoint directory: <output_dir>/checkpoints/"
+                          "<tag> or a launcher/convert_checkpoint.py output)")
+    state_path = os.path.join(path, RUN_STATE)
+    if not os.path.isfile(state_path):
+        raise ConfigError(KEY, f"{path} is not a complete checkpoint: {RUN_STATE} is missing")
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(KEY, f"{state_path} is not readable JSON ({err})") from None
+    if not isinstance(state, dict) or not state.get("complete"):
+        raise ConfigError(KEY, f"{path} is not a complete checkpoint ({RUN_STATE} lacks \"complete\": true; "
+                          "an interrupted save or copy?)")
+    for entry in ("model", "phase_kind", "tensor_model_parallel_size"):
+        if entry not in state:
+            raise ConfigError(KEY, f"{state_path} has no '{entry}' entry (not a monarch-megatron checkpoint?)")
+    run_model = _model_structure({**vars(cfg.model), "vocab_size": cfg.vocab_size})
+    ckpt_model = _model_structure(state["model"] if isinstance(state["model"], dict) else {})
+    for k in STRUCTURE_KEYS:
+        if ckpt_model[k] != run_model[k]:
+            raise ConfigError(KEY, f"{path} holds a different model: model.{k} is {ckpt_model[k]!r} in the checkpoint, "
+                              f"{run_model[k]!r} in this run")
+    first = cfg.phases[0]
+    want = "dense" if first.monarch is None else "monarch"
+    have = state["phase_kind"]
+    if have != want:
+        hint = _convert_hint(path, want, first.monarch.nblocks if first.monarch else None)
+        raise ConfigError(KEY, f"{path} is a {have} checkpoint (phase_kind) but the run's first phase phases[0] "
+                          f"({first.name!r}) is {want}; convert it first: {hint}")
+    if first.monarch is not None:
+        mon = state.get("monarch") or {}
+        if sorted(mon.get("layers") or []) != sorted(first.monarch.layers):
+            raise ConfigError(KEY, f"{path} has Monarch layers {mon.get('layers')} but phases[0].monarch.layers is "
+                              f"{list(first.monarch.layers)}; convert it: {_convert_hint(path, 'monarch', first.monarch.nblocks)} "
+                              f"--layers {','.join(first.monarch.layers)}")
+        if mon.get("nblocks") != first.monarch.nblocks:
+            raise ConfigError(KEY, f"{path} has Monarch nblocks={mon.get('nblocks')} but phases[0].monarch.nblocks is "
+                              f"{first.monarch.nblocks}; convert it: {_convert_hint(path, 'monarch', first.monarch.nblocks)}")
+    tp, run_tp = int(state["tensor_model_parallel_size"]), cfg.parallel.tensor_model_parallel_size
+    if tp != run_tp:
+        raise ConfigError(KEY, f"{path} has tensor_model_parallel_size={tp} but this run has "
+                          f"parallel.tensor_model_parallel_size={run_tp}; reshard it: {_convert_hint(path, want, tp=run_tp)}")
+    missing = [MODEL_FILE.format(r) for r in range(tp) if not os.path.isfile(os.path.join(path, MODEL_FILE.format(r)))]
+    if missing:
+        raise ConfigError(KEY, f"{path} is not a complete checkpoint: {', '.join(missing)} missing")
+    return state
+
+
+def load_init_weights(path: str, tp_rank: int) -> dict[str, Any]:
+    """This TP rank's module state dict of the checkpoint ``path`` (CPU tensors; no optimizer state)."""
+    file = os.path.join(path, MODEL_FILE.format(tp_rank))
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, bad pickle
+        raise ConfigError(KEY, f"{file} is corrupt or truncated ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("module"), dict):
+        raise ConfigError(KEY, f"{file} is not a DeepSpeed model-states file (no 'module' state dict)")
+    return data["module"]
+
+
+__all__ = ["check_init_from", "load_init_weights"]

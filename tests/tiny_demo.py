@@ -1,0 +1,21 @@
+"""The demo config shrunk to a one-layer, 32-wide BERT for fast trainer tests (shared by test modules)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.yaml")
+# The demo corpus, tokenizer and indexed datasets, built once and shared by every test run.
+DATA = os.path.join(tempfile.gettempdir(), "monarch_megatron_test_demo_data")
+TINY_MODEL = [
+    f"data.cache_dir={DATA}", "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
+    "model.ffn_hidden_size=64", "model.max_position_embeddings=32", "training.seq_length=32",
+    "training.micro_batch_size=4", "training.global_batch_size=8",
+]
+
+
+def tiny_overrides(*schedule: str) -> list[str]:
+    """``key=value`` overrides of configs/demo.yaml: the tiny model, then ``schedule`` (steps, intervals, phases)."""
+    return [*TINY_MODEL, *schedule]
