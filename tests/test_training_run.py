@@ -155,3 +155,20 @@ def test_evaluate_cli_prints_deterministic_val_loss(reference: str) -> None:
     last = [r.stdout.strip().splitlines()[-1] for r in runs]
     assert last[0].startswith("val_loss=") and last[0] == last[1]
     assert float(last[0].split("=")[1]) > 0
+
+
+def test_resuming_at_another_parallel_layout_is_one_config_error_before_any_work(reference: str) -> None:
+    from monarch_megatron.training.run import check_resume_layout
+    from monarch_megatron.training.schema_io import ConfigError
+
+    cfg = load_config(DEMO, tiny_args(reference))
+    check_resume_layout(cfg, 1)  # the layout that wrote the checkpoints
+    with pytest.raises(ConfigError, match=r"TP=1 x DP=1 processes, but this job is TP=1 x DP=2"):
+        check_resume_layout(cfg, 2)
+    before = sorted(os.listdir(os.path.join(reference, "checkpoints")))
+    env = {**os.environ, "WORLD_SIZE": "2"}  # what torchrun --nproc_per_node 2 exports
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launcher", "pretrain.py"), "--config", DEMO,
+                           *tiny_args(reference)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "config error: parallel:" in proc.stderr and "training.init_from" in proc.stderr
+    assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == before
