@@ -2,7 +2,7 @@
 # BERT-large pretraining with Monarch layers, then the exact switch to dense (reverse sparsification).
 #
 #   sbatch slurm/bert_large_monarch.sh                                 # from the repository root
-#   sbatch --nodes=4 slurm/bert_large_monarch.sh output_dir=/shared/runs/bert1 train.micro_batch_size=32
+#   sbatch --nodes=4 slurm/bert_large_monarch.sh output_dir=/shared/runs/bert1 training.micro_batch_size=32
 #   CONFIG=configs/bert_large_dense.yaml sbatch slurm/bert_large_monarch.sh   # the dense baseline
 #
 # Arguments: key=value config overrides (or --config FILE, --dry-run); environment knobs are listed
