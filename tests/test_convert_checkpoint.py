@@ -24,22 +24,18 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "configs", "demo.yaml")
-DATA = os.path.join(tempfile.gettempdir(), "monarch_megatron_test_demo_data")
-OVERRIDES = [
-    f"data.cache_dir={DATA}", "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
-    "model.ffn_hidden_size=64", "model.max_position_embeddings=32", "training.seq_length=32",
-    "training.micro_batch_size=4", "training.global_batch_size=4", "training.total_steps=4",
-    "training.eval_iters=1", "training.eval_interval=100", "training.save_interval=100",
-    "phases.0.share=0.5", "phases.0.monarch.nblocks=2", "phases.1.share=0.5", "phases.1.rewarmup_steps=0",
-]
+from tiny_demo import DEMO, ROOT, tiny_overrides
+
+OVERRIDES = tiny_overrides(
+    "training.global_batch_size=4", "training.total_steps=4", "training.eval_iters=1", "training.eval_interval=100",
+    "training.save_interval=100", "phases.0.share=0.5", "phases.0.monarch.nblocks=2", "phases.1.share=0.5",
+    "phases.1.rewarmup_steps=0",
+)
 MONARCH_TAG, DENSE_TAG = "step0000002-monarch", "step0000004-dense"
 LINEAR = {"linear_qkv": "column", "linear_fc1": "column", "linear_proj": "row", "linear_fc2": "row"}
 

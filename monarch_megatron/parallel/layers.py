@@ -128,7 +128,16 @@ class _MonarchParallelLinear(torch.nn.Module):
 
     # -- hooks for the subclasses -------------------------------------------------------------
     def _check_padding(self, layer: str) -> None:
-        raise NotImplementedError
+        """Sharding splits whole blocks, so the sharded side of the layer must not be zero-padded."""
+        if self.style == "column":
+            padded, size, feature = self.shape.padded_out, self.output_size, "out_features"
+        else:
+            padded, size, feature = self.shape.padded_in, self.input_size, "in_features"
+        if self.tp_size > 1 and padded != size:
+            raise ValueError(
+                f"cannot shard Monarch layer {layer} with nblocks={self.nblocks} {self.style}-parallel over "
+                f"tp_size={self.tp_size}: {feature} must be a multiple of nblocks"
+            )
 
     def _partition(self, is_w1: bool) -> tuple[int, int]:
         raise NotImplementedError
@@ -222,13 +231,6 @@ class MonarchColumnParallelLinear(_MonarchParallelLinear):
         if self.bias is not None:
             set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
         self.output_size_per_partition = output_size // self.tp_size
-
-    def _check_padding(self, layer: str) -> None:
-        if self.tp_size > 1 and self.shape.padded_out != self.output_size:
-            raise ValueError(
-                f"cannot shard Monarch layer {layer} with nblocks={self.nblocks} column-parallel over "
-                f"tp_size={self.tp_size}: out_features must be a multiple of nblocks"
-            )
 
     def _partition(self, is_w1: bool) -> tuple[int, int]:
         if is_w1:
@@ -338,13 +340,6 @@ class MonarchRowParallelLinear(_MonarchParallelLinear):
         if self.bias is not None:
             setattr(self.bias, "sequence_parallel", self.sequence_parallel)
         self.input_size_per_partition = input_size // self.tp_size
-
-    def _check_padding(self, layer: str) -> None:
-        if self.tp_size > 1 and self.shape.padded_in != self.input_size:
-            raise ValueError(
-                f"cannot shard Monarch layer {layer} with nblocks={self.nblocks} row-parallel over "
-                f"tp_size={self.tp_size}: in_features must be a multiple of nblocks"
-            )
 
     def _partition(self, is_w1: bool) -> tuple[int, int]:
         return (0, 1) if is_w1 else (2, 1)
