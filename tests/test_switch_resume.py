@@ -17,7 +17,7 @@ import torch
 
 from monarch_megatron.training.config import load_config
 
-from tiny_demo import DEMO, tiny_overrides
+from tiny_demo import DEMO, metrics_by_step, tiny_overrides
 
 TINY = tiny_overrides(
     "training.total_steps=10", "training.log_interval=5", "training.eval_interval=100", "training.eval_iters=2",
@@ -36,16 +36,6 @@ def train(out: str, *extra: str) -> dict:
     return run_train(cfg_for(out, *extra))
 
 
-def rows(out: str, kind: str) -> dict[int, dict]:
-    found = {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["kind"] == kind:
-                found[row["step"]] = row
-    return found
-
-
 def weights(out: str, tag: str) -> dict[str, torch.Tensor]:
     path = os.path.join(out, "checkpoints", tag, "mp_rank_00_model_states.pt")
     return {k: v for k, v in torch.load(path, weights_only=False)["module"].items() if torch.is_tensor(v)}
@@ -59,7 +49,7 @@ def reference(tmp_path_factory) -> str:
 
 
 def test_switch_validation_loss_is_unchanged(reference: str) -> None:
-    switch = rows(reference, "switch")
+    switch = metrics_by_step(reference, "switch")
     assert list(switch) == [6]
     assert switch[6]["val-loss-after"] == pytest.approx(switch[6]["val-loss-before"], rel=1e-5)
     tags = sorted(t for t in os.listdir(os.path.join(reference, "checkpoints")) if t.startswith("step"))
@@ -85,13 +75,13 @@ def test_killed_around_the_switch_resumes_to_the_same_final_state(reference: str
     out = str(tmp_path)
     _cut_back(reference, out, keep)
     assert train(out)["step"] == 10
-    resumed, ref = rows(out, "train"), rows(reference, "train")
+    resumed, ref = metrics_by_step(out, "train"), metrics_by_step(reference, "train")
     first = min(resumed)
     assert first == {"before": 4, "during": 7, "after": 7}[where]
     for step in range(first, 11):
         assert resumed[step]["loss"] == ref[step]["loss"], step
     if where != "after":  # the switch is re-done from the Monarch checkpoint, identically
-        redone, first_time = rows(out, "switch")[6], rows(reference, "switch")[6]
+        redone, first_time = metrics_by_step(out, "switch")[6], metrics_by_step(reference, "switch")[6]
         for key in ("val-loss-before", "val-loss-after"):
             assert redone[key] == first_time[key]
     final, ref_final = weights(out, "step0000010-dense"), weights(reference, "step0000010-dense")
@@ -139,7 +129,7 @@ def test_signal_at_phase_end_or_switch_saves_and_resumes_to_the_same_final_state
     state = json.load(open(os.path.join(out, "checkpoints", saved, "run_state.json")))
     assert state["step"] == 6 and state["complete"]
     assert train(out, *extra)["step"] == 10
-    assert {k: r["loss"] for k, r in rows(out, "train").items()} == {k: r["loss"] for k, r in rows(reference, "train").items()}
+    assert {k: r["loss"] for k, r in metrics_by_step(out, "train").items()} == {k: r["loss"] for k, r in metrics_by_step(reference, "train").items()}
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert sum(json.loads(line)["kind"] == "switch" for line in f) == 1  # switched once, no redo
     final, ref_final = weights(out, "step0000010-dense"), weights(reference, "step0000010-dense")

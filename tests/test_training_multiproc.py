@@ -11,23 +11,13 @@ import sys
 
 import pytest
 
-from tiny_demo import DEMO, ROOT, tiny_overrides
+from tiny_demo import DEMO, ROOT, metrics_by_step, tiny_overrides
 
 TINY = tiny_overrides(
     "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "training.total_steps=6", "training.log_interval=1",
     "training.eval_interval=100", "training.eval_iters=1", "training.save_interval=100", "phases.0.share=0.5",
     "phases.0.monarch.nblocks=2", "phases.1.share=0.5",
 )
-
-
-def records(out: str, kind: str) -> dict[int, dict]:
-    rows = {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["kind"] == kind:
-                rows[row["step"]] = row
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def _run(launcher: list[str], out: str, *extra: str) -> None:
 
 
 def _assert_same_losses(a: str, b: str) -> None:
-    ra, rb = records(a, "train"), records(b, "train")
+    ra, rb = metrics_by_step(a, "train"), metrics_by_step(b, "train")
     assert sorted(ra) == sorted(rb) == list(range(1, 7))
     for step in ra:
         for key in ("loss", "lm loss", "sop loss", "grad-norm"):
@@ -69,9 +59,9 @@ def test_tensor_parallel_2_under_deepspeed_launcher_matches_and_switch_is_exact(
     out = str(tmp_path)
     _run(["deepspeed", "--num_gpus", "2", "--master_port", "29632"], out, "parallel.tensor_model_parallel_size=2")
     _assert_same_losses(single, out)
-    switch = records(out, "switch")[3]
+    switch = metrics_by_step(out, "switch")[3]
     assert switch["val-loss-after"] == pytest.approx(switch["val-loss-before"], rel=1e-5)
-    assert switch["val-loss-before"] == pytest.approx(records(single, "switch")[3]["val-loss-before"], rel=1e-5)
+    assert switch["val-loss-before"] == pytest.approx(metrics_by_step(single, "switch")[3]["val-loss-before"], rel=1e-5)
     files = os.listdir(os.path.join(out, "checkpoints", "step0000006-dense"))
     assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= set(files)
     # evaluate.py on the TP=2 checkpoint (2 processes) equals the one-process run's checkpoint.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -19,3 +20,14 @@ TINY_MODEL = [
 def tiny_overrides(*schedule: str) -> list[str]:
     """``key=value`` overrides of configs/demo.yaml: the tiny model, then ``schedule`` (steps, intervals, phases)."""
     return [*TINY_MODEL, *schedule]
+
+
+def metrics_by_step(out: str, kind: str) -> dict[int, dict]:
+    """step -> the last ``kind`` record (train / valid / switch) of the run's metrics.jsonl."""
+    found = {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row["kind"] == kind:
+                found[row["step"]] = row
+    return found

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..training.checkpoint import RUN_STATE, fsync_dir
+from ..training.checkpoint import RUN_STATE, fsync_dir, replace_dir, write_run_state
 
 MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
 # DeepSpeed bookkeeping that describes the optimizer or the data-parallel layout of the run that
@@ -168,20 +168,10 @@ def write_checkpoint(
                                                 if torch.is_tensor(v) and not k.endswith("_extra_state"))]
             meta["run_state"] = run_state
             torch.save({"module": module, **meta}, os.path.join(stage, MODEL_FILE.format(rank)))
-        with open(os.path.join(stage, RUN_STATE), "w") as f:
-            json.dump(run_state, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(stage)
-        if os.path.lexists(output):
-            if not force:  # appeared while we were converting
-                raise ConversionError(f"output {output} exists; pass --force to replace it")
-            old = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(stage, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, output)
+        write_run_state(stage, run_state)
+        if os.path.lexists(output) and not force:  # appeared while we were converting
+            raise ConversionError(f"output {output} exists; pass --force to replace it")
+        replace_dir(stage, output, os.path.join(parent, f".{name}.replaced-{os.getpid()}"))
         fsync_dir(parent)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

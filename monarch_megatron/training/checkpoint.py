@@ -90,6 +90,26 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def write_run_state(ckpt_dir: str, state: dict[str, Any]) -> None:
+    """Write ``run_state.json`` into ``ckpt_dir`` and flush it and the directory to disk."""
+    with open(os.path.join(ckpt_dir, RUN_STATE), "w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(ckpt_dir)
+
+
+def replace_dir(src: str, dst: str, aside: str) -> None:
+    """Move directory ``src`` to ``dst``; an existing ``dst`` is first moved to ``aside`` and then
+    deleted, so ``dst`` is at every moment either the old or the new directory, whole."""
+    if os.path.lexists(dst):
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 class CheckpointManager:
     """Save / find / load / prune checkpoints of one run (all ranks call save and load)."""
 
@@ -139,19 +159,9 @@ class CheckpointManager:
         if self.layout.is_logger:
             src = os.path.join(staging, tag)
             state = {**run_state, "tag": tag, "complete": True, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            with open(os.path.join(src, RUN_STATE), "w") as f:
-                json.dump(state, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(src)
-            dst = self.path(tag)
-            if os.path.exists(dst):  # re-saving a tag (rerun of the same step): swap atomically
-                old = os.path.join(staging, f"{tag}.old")
-                os.replace(dst, old)
-                os.replace(src, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(src, dst)
+            write_run_state(src, state)
+            # re-saving a tag (rerun of the same step) swaps the directories atomically
+            replace_dir(src, self.path(tag), os.path.join(staging, f"{tag}.old"))
             fsync_dir(self.root)
             # DeepSpeed drops its recovery scripts (zero_to_fp32.py) next to the tag: keep them
             # where DeepSpeed users expect them, in checkpoints/.
