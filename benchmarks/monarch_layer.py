@@ -1,15 +1,21 @@
-"""Monarch layer benchmark: dense ``F.linear`` vs the torch reference path vs the fused Triton path.
+"""Monarch layer benchmark: dense ``F.linear`` vs the Monarch paths, in one run.
+
+Paths: ``torch`` (the reference path: cuBLAS batched products and permutation copies), ``fused``
+(the fused Triton kernel, any CUDA GPU), ``tma`` (Hopper: TMA Triton kernels where the permutation
+is, cuBLAS for the plain products; what ``backend="triton"`` and ``"auto"`` run on an H100).
 
 One command (on a CUDA machine):
 
+    python benchmarks/monarch_layer.py --quick --graphs   # nblocks 4, the issue's table (eager and
+                                                          # CUDA-graph GPU time) + MLP block
     python benchmarks/monarch_layer.py            # full table: 6 layer shapes x nblocks 2/4/8 + MLP block
-    python benchmarks/monarch_layer.py --quick    # nblocks 4 only
     python benchmarks/monarch_layer.py --quick --layers 1024x1024,1024x4096 --baseline OLD.py --variants
                                                   # a few layers; an older triton_monarch.py timed in the
                                                   # same run; host (issue) time; launch experiments
 
 Times fwd and fwd+bwd (bf16, 16384 tokens, ``triton.testing.do_bench`` median, dense measured in the
-same run), checks the Triton path on the GPU at full shapes first (fresh random inputs, outputs and
+same run), the host time to issue one fwd+bwd, and with ``--graphs`` the fwd+bwd captured in a CUDA
+graph (GPU time alone); checks the Triton paths on the GPU at full shapes first (fresh random inputs, outputs and
 gradients poisoned with NaN before each run, relative error against an fp32 reference with a
 per-dtype bound), prints a table and writes JSON to ``$OUT/monarch_layer.json`` when ``$OUT`` is set.
 """
@@ -30,12 +36,15 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from monarch_megatron.monarch.multiply import monarch_multiply_torch  # noqa: E402
 from monarch_megatron.monarch.shapes import monarch_factor_shapes  # noqa: E402
-from monarch_megatron.monarch import triton_monarch  # noqa: E402
+from monarch_megatron.monarch import triton_monarch, triton_monarch_tma  # noqa: E402
 
 TOKENS = 16384
 LAYERS = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1024, 1024), (4096, 16384)]
 # Relative-error bounds against an fp32 (tf32 off) reference: bf16/fp16 operands and a bf16/fp16
 # intermediate give errors of a few 1e-3; fp32 with IEEE dots lands near 1e-6.
+# The Triton paths: the fused kernel (any CUDA GPU) and the TMA kernels + cuBLAS (Hopper; what
+# backend="triton" and "auto" run there).
+PATHS = {"fused": triton_monarch.monarch_multiply_fused, "tma": triton_monarch_tma.monarch_multiply_tma}
 REL_BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
@@ -52,8 +61,9 @@ def poison_cache(numel: int, dtype: torch.dtype) -> None:
     del t
 
 
-def check_correct(n_in: int, n_out: int, nblocks: int, perm: bool, dtype: torch.dtype, tokens: int) -> dict:
-    """Forward and all gradients of the Triton path against an fp32 reference at full shape."""
+def check_correct(n_in: int, n_out: int, nblocks: int, perm: bool, dtype: torch.dtype, tokens: int,
+                  path: str = "tma") -> dict:
+    """Forward and all gradients of a Triton path (``PATHS``) against an fp32 reference at full shape."""
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
     x = torch.randn(tokens, sh.padded_in, device="cuda")
     w1 = torch.randn(sh.w1_shape, device="cuda") / math.sqrt(sh.p)
@@ -80,7 +90,7 @@ def check_correct(n_in: int, n_out: int, nblocks: int, perm: bool, dtype: torch.
         for t in ins:
             poison_cache(t.numel(), dtype)  # gradients allocated next start as NaN
         poison_cache(tokens * sh.padded_out, dtype)
-        out = triton_monarch.monarch_multiply_triton(*ins, perm)
+        out = PATHS[path](*ins, perm)
         out.backward(dy.to(dtype))
         torch.cuda.synchronize()
         e = {"out": rel_err(out, ref)}
@@ -88,7 +98,7 @@ def check_correct(n_in: int, n_out: int, nblocks: int, perm: bool, dtype: torch.
             e[name] = rel_err(t.grad, r.grad)
         errs = {k: max(errs.get(k, 0.0), v) if v == v else v for k, v in e.items()}
     ok = all(e <= REL_BOUND[dtype] for e in errs.values())  # NaN compares False
-    return {"layer": f"{n_in}->{n_out}", "nblocks": nblocks, "perm": perm, "dtype": str(dtype),
+    return {"layer": f"{n_in}->{n_out}", "nblocks": nblocks, "perm": perm, "dtype": str(dtype), "path": path,
             "tokens": tokens, "errors": errs, "bound": REL_BOUND[dtype], "ok": ok}
 
 
@@ -110,9 +120,50 @@ def host_ms(fn, iters: int = 20) -> float:
     return (t1 - t0) * 1e3 / iters
 
 
-def time_layer(n_in: int, n_out: int, nblocks: int, perm: bool, extra: dict | None = None) -> dict:
+TMA_VARIANTS = False
+PATHS["tma_dw1cublas"] = lambda x, w1, w2, perm: tma_variant(x, w1, w2, perm, DW1_CUBLAS=True)
+
+
+def tma_variant(x, w1, w2, perm, **flags):
+    """The TMA path with module flags of :mod:`triton_monarch_tma` set for this call only."""
+    old = {k: getattr(triton_monarch_tma, k) for k in flags}
+    for k, v in flags.items():
+        setattr(triton_monarch_tma, k, v)
+    try:
+        return triton_monarch_tma.monarch_multiply_tma(x, w1, w2, perm)
+    finally:
+        for k, v in old.items():
+            setattr(triton_monarch_tma, k, v)
+
+
+def graph_ms(f, g: torch.Tensor, params: list) -> float:
+    """GPU time (ms) of one fwd+bwd captured in a CUDA graph: the device work alone, without the host
+    overhead of issuing it (what a graph-captured training step would pay)."""
+    def step():
+        torch.autograd.grad(f(), params, g)
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    except RuntimeError as e:  # a path that cannot be captured: reported, the run goes on
+        print(f"graph capture failed: {type(e).__name__}: {str(e)[:200]}")
+        torch.cuda.synchronize()
+        return float("nan")
+
+
+def time_layer(n_in: int, n_out: int, nblocks: int, perm: bool, extra: dict | None = None,
+               graphs: bool = False) -> dict:
     """fwd and fwd+bwd times of dense, torch-path Monarch and Triton Monarch at one shape (plus the
-    modules in ``extra``, name -> module with ``monarch_multiply_triton``); host time of Triton."""
+    modules in ``extra``, name -> module with ``monarch_multiply_triton``); host time of Triton;
+    with ``graphs``, fwd+bwd GPU time of each in a CUDA graph as well."""
     dt = torch.bfloat16
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
     x = torch.randn(TOKENS, n_in, device="cuda", dtype=dt).requires_grad_()
@@ -125,8 +176,12 @@ def time_layer(n_in: int, n_out: int, nblocks: int, perm: bool, extra: dict | No
     fns = {
         "dense": (lambda: F.linear(x, w), dy, [x, w]),
         "torch": (lambda: monarch_multiply_torch(xp, w1, w2, perm), dyp, [xp, w1, w2]),
-        "triton": (lambda: triton_monarch.monarch_multiply_triton(xp, w1, w2, perm), dyp, [xp, w1, w2]),
+        "fused": (lambda: triton_monarch.monarch_multiply_fused(xp, w1, w2, perm), dyp, [xp, w1, w2]),
     }
+    if triton_monarch_tma.supports(xp, w1, w2):
+        fns["tma"] = (lambda: triton_monarch_tma.monarch_multiply_tma(xp, w1, w2, perm), dyp, [xp, w1, w2])
+        if TMA_VARIANTS:
+            fns["tma_dw1cublas"] = (lambda: tma_variant(xp, w1, w2, perm, DW1_CUBLAS=True), dyp, [xp, w1, w2])
     for name, mod in (extra or {}).items():
         fns[name] = (lambda mod=mod: mod.monarch_multiply_triton(xp, w1, w2, perm), dyp, [xp, w1, w2])
     res = {"layer": f"{n_in}->{n_out}", "nblocks": nblocks, "perm": perm,
@@ -136,8 +191,9 @@ def time_layer(n_in: int, n_out: int, nblocks: int, perm: bool, extra: dict | No
             res[f"{name}_fwd"] = bench(f, None)
         step = lambda f=f, g=g: f().backward(g)  # noqa: E731
         res[f"{name}_fwdbwd"] = bench(step, params)
-        if name not in ("dense", "torch"):
-            res[f"{name}_host"] = host_ms(step)
+        res[f"{name}_host"] = host_ms(step)
+        if graphs:
+            res[f"{name}_graph"] = graph_ms(f, g, params)
     return res
 
 
@@ -166,25 +222,29 @@ def time_mlp(nblocks: int = 4, hidden: int = 1024, ffn: int = 4096) -> dict:
 
     fns = {"dense": (dense, [x, wd1, bd1, wd2, bd2]),
            "torch": (monarch(monarch_multiply_torch), [x, a1, b1, a2, b2, bd1, bd2]),
-           "triton": (monarch(triton_monarch.monarch_multiply_triton), [x, a1, b1, a2, b2, bd1, bd2])}
+           "fused": (monarch(triton_monarch.monarch_multiply_fused), [x, a1, b1, a2, b2, bd1, bd2]),
+           "tma": (monarch(triton_monarch_tma.monarch_multiply_tma), [x, a1, b1, a2, b2, bd1, bd2])}
     res = {"layer": f"MLP {hidden}->{ffn}->{hidden}", "nblocks": nblocks, "perm": "fc1 F / fc2 T",
            "flop_ratio": (2 * hidden * ffn) / (s1.num_params + s2.num_params)}
     for name, (f, params) in fns.items():
+        res[f"{name}_graph"] = graph_ms(f, dy, params)  # first: before .grad accumulation nodes exist
         with torch.no_grad():
             res[f"{name}_fwd"] = bench(f, None)
         res[f"{name}_fwdbwd"] = bench(lambda f=f: f().backward(dy), params)
     return res
 
 
-def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool) -> list[tuple[str, float]]:
-    """Per-kernel device times (ms, launch order) of one Triton fwd+bwd, from the profiler."""
+def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool, multiply=None) -> list[tuple[str, float]]:
+    """Per-kernel device times (ms, launch order) of one fwd+bwd of ``multiply`` (default: the Triton
+    path), from the profiler."""
+    multiply = multiply or triton_monarch.monarch_multiply_triton
     dt = torch.bfloat16
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
     xp = torch.randn(TOKENS, sh.padded_in, device="cuda", dtype=dt).requires_grad_()
     w1 = (torch.randn(sh.w1_shape, device="cuda", dtype=dt) / math.sqrt(sh.p)).requires_grad_()
     w2 = (torch.randn(sh.w2_shape, device="cuda", dtype=dt) / math.sqrt(sh.r)).requires_grad_()
     dyp = torch.randn(TOKENS, sh.padded_out, device="cuda", dtype=dt)
-    step = lambda: triton_monarch.monarch_multiply_triton(xp, w1, w2, perm).backward(dyp)  # noqa: E731
+    step = lambda: multiply(xp, w1, w2, perm).backward(dyp)  # noqa: E731
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -203,16 +263,21 @@ def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool) -> list[tu
 
 
 def print_table(rows: list[dict]) -> None:
-    hdr = (f"{'layer':>22} {'nb':>3} {'perm':>5} {'FLOPx':>5} | {'dense':>7} {'torch':>7} {'triton':>7} "
-           f"{'tri/dn':>6} | {'dense':>7} {'torch':>7} {'triton':>7} {'tri/dn':>6} {'tri/tor':>7}")
-    print("times in ms; ratios = speed-up (dense time / triton time); left: fwd, right: fwd+bwd")
-    print(hdr)
+    """One line per row: fwd, fwd+bwd and (with ``--graphs``) graph-captured fwd+bwd times of every
+    path, and each Monarch path's speed-up over dense (dense time / its time) in fwd+bwd."""
+    print("times in ms; (x) = speed-up over dense in the same column group")
     for r in rows:
-        print(f"{r['layer']:>22} {r['nblocks']:>3} {str(r['perm']):>5} {r['flop_ratio']:>5.1f} | "
-              f"{r['dense_fwd']:7.3f} {r['torch_fwd']:7.3f} {r['triton_fwd']:7.3f} "
-              f"{r['dense_fwd'] / r['triton_fwd']:5.2f}x | "
-              f"{r['dense_fwdbwd']:7.3f} {r['torch_fwdbwd']:7.3f} {r['triton_fwdbwd']:7.3f} "
-              f"{r['dense_fwdbwd'] / r['triton_fwdbwd']:5.2f}x {r['torch_fwdbwd'] / r['triton_fwdbwd']:6.2f}x")
+        paths = [k[:-4] for k in r if k.endswith("_fwd")]
+        parts = []
+        for col, label in (("_fwd", "fwd"), ("_fwdbwd", "fwd+bwd"), ("_graph", "graph fwd+bwd")):
+            if f"dense{col}" not in r:
+                continue
+            d = r[f"dense{col}"]
+            parts.append(f"{label}: dense {d:.3f} " + " ".join(
+                f"{pth} {r[pth + col]:.3f} ({d / r[pth + col]:.2f}x)" for pth in paths
+                if pth != "dense" and pth + col in r))
+        print(f"{r['layer']:>22} nb{r['nblocks']} perm={str(r['perm']):5} FLOPx {r['flop_ratio']:.1f} | "
+              + " | ".join(parts))
 
 
 def load_module(path: str):
@@ -235,8 +300,8 @@ def time_variants(n_in: int, n_out: int, nblocks: int, perm: bool) -> list[str]:
         setattr(tm, flag, val)
         r = time_layer(n_in, n_out, nblocks, perm, extra=None)
         setattr(tm, flag, old)
-        lines.append(f"variant {n_in}->{n_out} nb{nblocks} perm={perm} {name:15} fwd {r['triton_fwd']:.3f} "
-                     f"fwd+bwd {r['triton_fwdbwd']:.3f} host {r['triton_host']:.3f} (dense {r['dense_fwdbwd']:.3f})")
+        lines.append(f"variant {n_in}->{n_out} nb{nblocks} perm={perm} {name:15} fwd {r['fused_fwd']:.3f} "
+                     f"fwd+bwd {r['fused_fwdbwd']:.3f} host {r['fused_host']:.3f} (dense {r['dense_fwdbwd']:.3f})")
         print(lines[-1])
     return lines
 
@@ -244,6 +309,7 @@ def time_variants(n_in: int, n_out: int, nblocks: int, perm: bool) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="nblocks 4 only")
+    ap.add_argument("--nblocks", default="", help="these nblocks only, e.g. 2,8 (overrides --quick)")
     ap.add_argument("--orders", default="T,F", help="output orders to time: T (paper), F (block-major)")
     ap.add_argument("--layers", default="", help="only these layers (checks too), e.g. 1024x1024,4096x1024")
     ap.add_argument("--baseline", default="", help="an older triton_monarch.py, timed as 'base'")
@@ -252,7 +318,12 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="per-kernel times at nblocks 4")
     ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness checks")
     ap.add_argument("--no-mlp", action="store_true", help="skip the MLP block")
+    ap.add_argument("--tma-variants", action="store_true", help="also the TMA path with dw1 by cuBLAS")
+    ap.add_argument("--check-paths", default="fused,tma", help="paths to check: fused, tma")
+    ap.add_argument("--graphs", action="store_true", help="also fwd+bwd GPU time in a CUDA graph (no host)")
     args = ap.parse_args()
+    global TMA_VARIANTS
+    TMA_VARIANTS = args.tma_variants
     torch.manual_seed(1234)
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     layers = LAYERS
@@ -270,16 +341,22 @@ def main() -> None:
     ] if not args.no_check else []:
         if args.layers and (n_in, n_out) not in layers and n_in != 1000:
             continue
-        c = check_correct(n_in, n_out, nb, perm, dtype, tok)
-        checks.append(c)
-        print("check", c["layer"], "nb", nb, "perm", perm, c["dtype"], "tokens", tok,
-              {k: f"{v:.1e}" for k, v in c["errors"].items()}, "OK" if c["ok"] else "FAIL")
+        for path in args.check_paths.split(","):
+            sh = monarch_factor_shapes(n_in, n_out, nb)
+            probe = torch.empty(1, sh.padded_in, device="cuda", dtype=dtype)
+            if path.startswith("tma") and not triton_monarch_tma.supports(
+                    probe, probe.new_empty(sh.w1_shape), probe.new_empty(sh.w2_shape)):
+                continue  # the TMA path takes bf16/fp16 and chunks of >= 16 channels only
+            c = check_correct(n_in, n_out, nb, perm, dtype, tok, path)
+            checks.append(c)
+            print("check", path, c["layer"], "nb", nb, "perm", perm, c["dtype"], "tokens", tok,
+                  {k: f"{v:.1e}" for k, v in c["errors"].items()}, "OK" if c["ok"] else "FAIL")
     if not all(c["ok"] for c in checks):
         print("CORRECTNESS FAILURE")
     extra = {"base": load_module(args.baseline)} if args.baseline else None
 
     orders = [o == "T" for o in args.orders.split(",")]
-    nbs = [4] if args.quick else [2, 4, 8]
+    nbs = [int(v) for v in args.nblocks.split(",")] if args.nblocks else ([4] if args.quick else [2, 4, 8])
     rows, notes = [], []
     if args.variants:
         notes += time_variants(*layers[0], nbs[0], orders[0])
@@ -287,14 +364,16 @@ def main() -> None:
         for nb in nbs:
             for n_in, n_out in layers:
                 use = extra if not args.baseline_layers or f"{n_in}x{n_out}" in args.baseline_layers else None
-                rows.append(time_layer(n_in, n_out, nb, perm, use))
+                rows.append(time_layer(n_in, n_out, nb, perm, use, args.graphs))
                 print_table(rows[-1:])
     if args.breakdown:
         for perm in (True, False):
             for n_in, n_out in [(1024, 4096), (4096, 1024), (1024, 1024), (4096, 16384)]:
-                parts = kernel_breakdown(n_in, n_out, 4, perm)
-                print(f"breakdown {n_in}->{n_out} nb4 perm={perm}:",
-                      " ".join(f"{nm}={t:.3f}" for nm, t in parts), f"sum={sum(t for _, t in parts):.3f}")
+                for path, mm in (("fused", triton_monarch.monarch_multiply_fused),
+                                 ("tma", triton_monarch_tma.monarch_multiply_tma), ("torch", monarch_multiply_torch)):
+                    parts = kernel_breakdown(n_in, n_out, 4, perm, mm)
+                    print(f"breakdown {path} {n_in}->{n_out} nb4 perm={perm}:",
+                          " ".join(f"{nm}={t:.3f}" for nm, t in parts), f"sum={sum(t for _, t in parts):.3f}")
     if not args.no_mlp:
         rows.append(time_mlp())
     tm = triton_monarch
@@ -303,9 +382,9 @@ def main() -> None:
         print("fallback", fb)
     print("\n".join(notes))
     for r in rows:
-        if "triton_host" in r:
+        if "dense_host" in r:
             ex = " ".join(f"{k[:-7]} {r[k]:.3f}/{r[k[:-7] + '_host']:.3f}" for k in r
-                          if k.endswith("_fwdbwd") and k[:-7] not in ("dense", "torch"))
+                          if k.endswith("_fwdbwd") and k[:-7] + "_host" in r)
             print(f"host {r['layer']:>12} {r['nblocks']} {str(r['perm']):>5} fwd+bwd/host ms: {ex}")
     print()
     print_table(rows)

@@ -1,4 +1,5 @@
-"""Correctness of the fused Triton Monarch multiply under the Triton interpreter (CPU).
+"""Correctness of the Triton Monarch paths (the fused kernel, and the TMA kernels with cuBLAS for
+the plain products) under the Triton interpreter (CPU).
 
 The kernels run in a subprocess with ``TRITON_INTERPRET=1``: Triton decides between compiled and
 interpreted kernels when a kernel module is imported, and other tests in the same pytest process
@@ -31,8 +32,16 @@ SHAPES = {
     "narrow_out": ((4, 16, 32), (4, 16, 16)),  # 4x narrower output (w1 q < p)
     "l_not_dividing_q": ((2, 6, 5), (4, 7, 3)),  # q % l != 0: natural layout, stride-l gather
 }
+# Shapes of the TMA path (chunks q/l of >= 16 channels, rows of >= 16 elements).
+TMA_SHAPES = {
+    "tma_4x_wide": ((4, 64, 16), (4, 32, 64)),  # q/l = 16, dw1 tile of every chunk
+    "tma_l2_wide_out": ((2, 32, 32), (2, 48, 32)),  # l = 2, s not a power of two
+    "tma_narrow_out": ((4, 128, 32), (4, 16, 128)),  # q/l = 32, two dw1 channel tiles
+    "tma_k2_l4": ((2, 64, 16), (4, 16, 32)),  # k != l
+}
 BOUND = {"float32": 1e-5, "bfloat16": 2e-2}
-CASES = [(name, perm, dtype) for name in SHAPES for perm in (True, False) for dtype in BOUND]
+CASES = ([("fused", name, perm, dtype) for name in SHAPES for perm in (True, False) for dtype in BOUND]
+         + [("tma", name, perm, dtype) for name in TMA_SHAPES for perm in (True, False) for dtype in BOUND])
 
 
 def reference_monarch(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, perm: bool) -> torch.Tensor:
@@ -53,12 +62,12 @@ def _worker() -> None:
     """Run every case (interpreted kernels) and print one JSON line of relative errors."""
     sys.path.insert(0, REPO)
     from monarch_megatron.monarch import triton_monarch as tm
-    from monarch_megatron.monarch.triton_monarch import monarch_multiply_triton
+    from monarch_megatron.monarch import triton_monarch_tma as tma
 
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs each run
     results = {}
-    for idx, (name, perm, dtype) in enumerate(CASES):
-        (k, q, p), (l, s, r) = SHAPES[name]
+    for idx, (path, name, perm, dtype) in enumerate(CASES):
+        (k, q, p), (l, s, r) = (SHAPES if path == "fused" else TMA_SHAPES)[name]
         # Every other case (the fp32 ones) splits the weight-gradient reductions over two token
         # ranges, so that the in-kernel sum of the split partials (last program per tile) is tested.
         tm._SPLIT_OVERRIDE = 2 if idx % 2 == 0 else 0
@@ -73,11 +82,13 @@ def _worker() -> None:
         ref.backward(dy.reshape(n, l * s))
         dt = getattr(torch, dtype)
         ins = [t.to(dt).detach().requires_grad_() for t in (x, w1, w2)]
-        out = monarch_multiply_triton(*ins, perm)
+        # The dispatcher (backend="triton") must pick the path named by the case.
+        assert tma.supports(ins[0], ins[1], ins[2]) == (path == "tma"), (path, name)
+        out = tm.monarch_multiply_triton(*ins, perm)
         out.backward(dy.to(dt))
         pairs = [(out.reshape(n, l * s), ref)] + [(a.grad, b.grad) for a, b in zip(ins, ref_in)]
         errs = [((a.double() - b).norm() / b.norm()).item() for a, b in pairs]
-        results[f"{name}|{perm}|{dtype}"] = {"shape": list(out.shape), "dtype": str(out.dtype),
+        results[f"{path}|{name}|{perm}|{dtype}"] = {"shape": list(out.shape), "dtype": str(out.dtype),
                                              "errs": errs}
     print("RESULTS " + json.dumps(results))
 
@@ -92,10 +103,10 @@ def interpreted_results() -> dict:
     return json.loads(line[len("RESULTS "):])
 
 
-@pytest.mark.parametrize("name,perm,dtype", CASES)
-def test_triton_forward_and_all_gradients_match_float64_reference(interpreted_results, name, perm, dtype):
-    res = interpreted_results[f"{name}|{perm}|{dtype}"]
-    (k, q, p), (l, s, r) = SHAPES[name]
+@pytest.mark.parametrize("path,name,perm,dtype", CASES)
+def test_triton_forward_and_all_gradients_match_float64_reference(interpreted_results, path, name, perm, dtype):
+    res = interpreted_results[f"{path}|{name}|{perm}|{dtype}"]
+    (k, q, p), (l, s, r) = (SHAPES if path == "fused" else TMA_SHAPES)[name]
     assert res["shape"] == [2, 10, l * s]
     assert res["dtype"] == f"torch.{dtype}"
     for what, err in zip(("out", "dx", "dw1", "dw2"), res["errs"]):
@@ -125,6 +136,25 @@ def test_prefers_triton_is_false_on_cpu():
 
     x = torch.randn(8, 64)
     assert not prefers_triton(x, torch.randn(4, 16, 16), torch.randn(4, 16, 16))
+
+
+def test_tma_path_is_refused_off_hopper_and_for_unsupported_shapes():
+    from monarch_megatron.monarch.triton_monarch_tma import supports
+
+    w1, w2 = torch.randn(4, 64, 16), torch.randn(4, 32, 64)
+    assert not supports(torch.randn(8, 64, dtype=torch.bfloat16), w1, w2)  # CPU tensor, not interpreted
+    assert not supports(torch.randn(8, 64), w1, w2, torch.float32)
+
+
+def test_backend_environment_variable_overrides_auto_and_rejects_unknown_names(monkeypatch):
+    from monarch_megatron.monarch.multiply import BACKEND_ENV, resolve_backend
+
+    x, w1, w2 = torch.randn(8, 64), torch.randn(4, 16, 16), torch.randn(4, 16, 16)
+    monkeypatch.setenv(BACKEND_ENV, "torch")
+    assert resolve_backend("auto", x, w1, w2) == "torch"
+    monkeypatch.setenv(BACKEND_ENV, "cuda")
+    with pytest.raises(ValueError, match=BACKEND_ENV):
+        resolve_backend("auto", x, w1, w2)
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

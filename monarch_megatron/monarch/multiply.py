@@ -7,12 +7,16 @@ Semantics (fixed; ../shared/DESIGN.md): with ``w1: (k, q, p)`` and ``w2: (l, s, 
     y[j] = w2[j] @ v[j]                     j < l
     out  = y.T.reshape(s*l)  if output_permutation  else  y.reshape(l*s)
 
-Backends: ``"torch"`` (two batched matmuls, autograd through them), ``"triton"`` (the fused kernel in
-:mod:`monarch_megatron.monarch.triton_monarch`), ``"auto"`` (the fastest correct path available: the
-fused kernel on CUDA where it supports the shape, the torch path everywhere else).
+Backends: ``"torch"`` (two batched matmuls, autograd through them), ``"triton"`` (on Hopper the TMA
+kernels of :mod:`.triton_monarch_tma` with cuBLAS for the plain products, elsewhere the fused kernel
+of :mod:`.triton_monarch`), ``"auto"`` (the fastest correct path: the TMA path on Hopper where it
+applies, the torch path everywhere else; the environment variable ``MONARCH_MULTIPLY_BACKEND``
+overrides it for a whole run).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,37 @@ import torch.nn.functional as F
 from .shapes import check_factors
 
 BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV = "MONARCH_MULTIPLY_BACKEND"  # overrides backend="auto" when set
+
+
+def second_stage(v: torch.Tensor, w2: torch.Tensor, output_permutation: bool) -> torch.Tensor:
+    """``y_j = v_j @ w2[j]^T`` by one batched cuBLAS product. ``v: (n, l, r)`` (the second stage's
+    input, block ``j`` contiguous), ``w2: (l, s, r)``; returns ``(n, l*s)`` in the requested order
+    (the paper order costs one copy of the output)."""
+    l, s, _ = w2.shape
+    n = v.shape[0]
+    y = v.new_empty(n, l, s)
+    torch.bmm(v.transpose(0, 1), w2.transpose(1, 2), out=y.transpose(0, 1))
+    return y.transpose(1, 2).reshape(n, s * l) if output_permutation else y.view(n, l * s)
+
+
+def second_stage_grads(grad_out: torch.Tensor, v: torch.Tensor, w2: torch.Tensor, output_permutation: bool,
+                       need_w2: bool, need_v: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`second_stage`: ``(dw2, dv)`` (``None`` where not needed).
+    ``grad_out: (n, l*s)``, ``v: (n, l, r)``, ``w2: (l, s, r)``; ``dv`` is ``(n, l, r)``."""
+    l, s, r = w2.shape
+    n = v.shape[0]
+    if output_permutation:
+        dy = grad_out.reshape(n, s, l).transpose(1, 2).contiguous()  # (n, l, s)
+    else:
+        dy = grad_out.reshape(n, l, s)
+    dyt = dy.transpose(0, 1)  # (l, n, s)
+    dw2 = torch.bmm(dyt.transpose(1, 2), v.transpose(0, 1)) if need_w2 else None
+    dv = None
+    if need_v:
+        dv = v.new_empty(n, l, r)
+        torch.bmm(dyt, w2, out=dv.transpose(0, 1))
+    return dw2, dv
 
 
 class _MonarchMultiplyTorch(torch.autograd.Function):
@@ -30,38 +65,26 @@ class _MonarchMultiplyTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool):
         k, q, p = w1.shape
-        l, s, r = w2.shape
+        l, r = w2.shape[0], w2.shape[2]
         n = x2.shape[0]
         xv = x2.view(n, k, p).transpose(0, 1)  # (k, n, p), strided view: no copy
         u = x2.new_empty(n, k, q)
         torch.bmm(xv, w1.transpose(1, 2), out=u.transpose(0, 1))
         # Middle permutation: flat channel f = i*q + c goes to second-stage block f % l, slot f // l.
         v = u.view(n, r, l).transpose(1, 2).contiguous()  # (n, l, r)
-        y = x2.new_empty(n, l, s)
-        torch.bmm(v.transpose(0, 1), w2.transpose(1, 2), out=y.transpose(0, 1))
         ctx.save_for_backward(x2, w1, w2, v)
         ctx.output_permutation = output_permutation
-        if output_permutation:
-            return y.transpose(1, 2).reshape(n, s * l)
-        return y.view(n, l * s)
+        return second_stage(v, w2, output_permutation)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x2, w1, w2, v = ctx.saved_tensors
         k, q, p = w1.shape
-        l, s, r = w2.shape
         n = x2.shape[0]
-        if ctx.output_permutation:
-            dy = grad_out.reshape(n, s, l).transpose(1, 2).contiguous()  # (n, l, s)
-        else:
-            dy = grad_out.reshape(n, l, s)
-        dyt = dy.transpose(0, 1)  # (l, n, s)
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
-        dw2 = torch.bmm(dyt.transpose(1, 2), v.transpose(0, 1)) if need_w2 else None
+        dw2, dv = second_stage_grads(grad_out, v, w2, ctx.output_permutation, need_w2, need_x or need_w1)
         dx = dw1 = None
-        if need_x or need_w1:
-            dv = x2.new_empty(n, l, r)
-            torch.bmm(dyt, w2, out=dv.transpose(0, 1))
+        if dv is not None:
             du = dv.transpose(1, 2).reshape(n, k, q).transpose(0, 1)  # inverse permutation, (k, n, q)
             if need_w1:
                 dw1 = torch.bmm(du.transpose(1, 2), x2.view(n, k, p).transpose(0, 1))
@@ -120,6 +143,11 @@ def resolve_backend(
     (``output_permutation=None``: the fused path must win in both output orders)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    if backend == "auto" and os.environ.get(BACKEND_ENV):
+        # Whole-run override of the automatic choice (e.g. to compare both paths in one training setup).
+        backend = os.environ[BACKEND_ENV]
+        if backend not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
     kernel = _triton_kernel()

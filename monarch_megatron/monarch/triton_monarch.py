@@ -342,10 +342,22 @@ class _MonarchTriton(torch.autograd.Function):
         return dx, dw1, (dw2 if need[2] else None), None
 
 
+def monarch_multiply_fused(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool = True
+) -> torch.Tensor:
+    """The fused kernel alone (any CUDA GPU), arguments and shapes as :func:`monarch_multiply_triton`;
+    operands of one dtype (the caller casts under autocast)."""
+    if not (x.dtype == w1.dtype == w2.dtype):
+        raise ValueError(f"dtypes differ: x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype}")
+    return _MonarchTriton.apply(x, w1, w2, bool(output_permutation))
+
+
 def monarch_multiply_triton(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool = True
 ) -> torch.Tensor:
-    """Fused Monarch multiply with autograd for ``x``, ``w1`` and ``w2``.
+    """The Triton implementation (``backend="triton"``): on Hopper, where
+    :func:`.triton_monarch_tma.supports` holds, the TMA kernels with cuBLAS for the plain products
+    (faster at every measured shape: benchmarks/KERNEL_NOTES.md v5); elsewhere the fused kernel.
 
     Args:
         x: ``(..., k*p)`` input, already padded; fp32, fp16 or bf16 (fp32 accumulation).
@@ -356,40 +368,39 @@ def monarch_multiply_triton(
     Returns:
         ``(..., l*s)`` output in the (autocast) compute dtype.
     """
+    from . import triton_monarch_tma as tma
+
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         # Cast as autocast casts a matmul's operands; the kernels themselves ignore autocast.
         dt = torch.get_autocast_dtype(dev)
         x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
         with torch.autocast(dev, enabled=False):
-            return _MonarchTriton.apply(x, w1, w2, bool(output_permutation))
-    if not (x.dtype == w1.dtype == w2.dtype):
-        raise ValueError(f"dtypes differ: x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype}")
-    return _MonarchTriton.apply(x, w1, w2, bool(output_permutation))
+            return monarch_multiply_triton(x, w1, w2, output_permutation)
+    if x.dtype == w1.dtype == w2.dtype and tma.supports(x, w1, w2):
+        return tma.monarch_multiply_tma(x, w1, w2, output_permutation)
+    return monarch_multiply_fused(x, w1, w2, output_permutation)
 
 
 def prefers_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                    output_permutation: bool | None = None) -> bool:
-    """Whether the fused kernel beats the torch path for these operands (measured on an H100).
+    """Whether ``backend="auto"`` takes the Triton path for these operands.
 
-    ``x``: ``(..., k*p)``; ``w1``: ``(k, q, p)``; ``w2``: ``(l, s, r)``; ``output_permutation``:
-    the output order, or ``None`` (unknown: the fused path must have won in both orders).
+    ``x``: ``(..., k*p)``; ``w1``: ``(k, q, p)``; ``w2``: ``(l, s, r)``; ``output_permutation``: the
+    output order, or ``None`` (unknown; the rule does not depend on it). Yes where the TMA path
+    applies (Hopper, bf16/fp16) with its full tiles (chunks ``q/l`` and blocks ``p`` multiples of 64)
+    and >= 8192 tokens per call: there it beat the torch path in GPU time at every measured shape and
+    in both orders (1024- and 4096-wide layers, nblocks 4: 3-20%; benchmarks/RESULTS.md, issue 7).
+    With smaller chunks (768/3072-wide at nblocks 4: chunks of 48) its tiles are too small and the
+    torch path is faster. The fused kernel never beat the torch path on an H100 and is not chosen.
     """
+    from . import triton_monarch_tma as tma
+
     if not x.is_cuda or _INTERPRET:
         return False
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False
     k, q, p = w1.shape
-    l, s, r = w2.shape
-    orders = (True, False) if output_permutation is None else (bool(output_permutation),)
-    return (all((k * p, l * s, k, o) in _MEASURED_WINS for o in orders)
+    l = w2.shape[0]
+    return (tma.supports(x, w1, w2, dtype) and (q // l) % 64 == 0 and p % 64 == 0
             and x.numel() // (k * p) >= 8192)
-
-
-# (padded in, padded out, nblocks, paper order) where the fused path beat the torch path in fwd+bwd
-# (bf16, 16384 tokens, one H100, benchmarks/KERNEL_NOTES.md v4, against the rewritten torch path):
-# only 1024->1024 nb 4 in the paper order (0.57 vs 1.42 ms). Block-major: the torch path won at
-# every measured shape (e.g. 1024->1024 0.57 vs 0.74 ms, 4096->1024 0.40-0.59 vs 0.94 ms).
-_MEASURED_WINS = {(1024, 1024, 4, True)}

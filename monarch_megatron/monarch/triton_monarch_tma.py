@@ -1,0 +1,285 @@
+"""Monarch multiply for Hopper: TMA Triton kernels where the permutation is, cuBLAS for the rest.
+
+Semantics are those of :func:`monarch_multiply_torch` (../shared/DESIGN.md): ``x: (n, k*p)``,
+``w1: (k, q, p)``, ``w2: (l, s, r)``, output ``(n, l*s)``. Requires ``q % l == 0``; ``ch = q / l``.
+
+Why this split (benchmarks/KERNEL_NOTES.md, v5). On an H100 the second stage, ``dv`` and ``dw2``
+are plain strided batched products that cuBLAS runs at 450-630 TFLOP/s, and a persistent TMA Triton
+kernel only matches it. What costs is the middle permutation: the torch path moves the whole
+intermediate through two copies (20-25% of its GPU time at 1024->4096). Here the three products that
+touch the permuted side run as Triton kernels that read and write it through rank-4 TMA
+descriptors, in chunks of ``ch`` contiguous channels, so no copy is ever made:
+
+- stage one writes ``v`` (the second stage's input, ``(n, l, r)``, block ``j`` contiguous) directly:
+  first-stage block ``i``'s output channel ``m*l + j`` is ``v[:, j, i*ch + m]``; the tile's columns
+  are regrouped on chip before one box store into ``v`` viewed as ``(n, l, k, ch)``;
+- ``dx_i = du_i @ w1[i]`` with the reduction taken in the order ``(j, m)``: ``du_i`` is read from
+  ``dv`` (the ``v`` layout) and the rows of ``w1[i]`` through the view ``(k, ch, l, p)``;
+- ``dw1[i][m*l + j, :] = sum_n dv[n, j, i*ch + m] x_i[n, :]``, split over token ranges and finished
+  in the kernel (:func:`.triton_monarch_kernels._reduce_store`).
+
+Both output orders: the paper order permutes ``y`` / ``dy`` with one copy each, as the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .multiply import second_stage, second_stage_grads
+from .triton_monarch_kernels import _reduce_store
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton without host-side tensor descriptors
+    TensorDescriptor = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# dw1 through l cuBLAS products and a copy of the weight gradient instead of the Triton kernel
+# (benchmark experiment; see benchmarks/KERNEL_NOTES.md v5).
+DW1_CUBLAS = False
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # fp32 IEEE; the interpreter's half-precision dot is wrong
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_coords(tile, G, n_nt):
+    """(group, column tile, token tile) of a persistent tile index, group fastest."""
+    return tile % G, (tile // G) % n_nt, tile // (G * n_nt)
+
+
+@triton.jit
+def _stage_one_kernel(x_desc, w_desc, v_desc, N, P, Q, G, L: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, NUM_SMS: tl.constexpr, IEEE: tl.constexpr):
+    """``v[n, j, g*CH + m] = sum_t x[n, g*P + t] * w1[g, m*L + j, t]``; persistent over tiles
+    (group fastest), the tile loop flattened with the K loop so loads overlap the previous store."""
+    start = tl.program_id(0)
+    n_nt = Q // BN
+    n_tiles = tl.cdiv(N, BM) * n_nt * G
+    tile_c = start - NUM_SMS
+    for tile in tl.range(start, n_tiles, NUM_SMS, flatten=True):
+        g, nt, mt = _tile_coords(tile, G, n_nt)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, P, BK):
+            a = x_desc.load([mt * BM, g * P + k0])
+            b = w_desc.load([g * Q + nt * BN, k0])
+            acc = _dot(a, b.T, acc, IEEE)
+        tile_c += NUM_SMS
+        gc, ntc, mtc = _tile_coords(tile_c, G, n_nt)
+        # Columns c = m*L + j of the tile -> (j, m): one box of L chunks of BN/L channels.
+        out = tl.permute(tl.reshape(acc.to(v_desc.dtype), (BM, BN // L, L)), (0, 2, 1))
+        v_desc.store([mtc * BM, 0, gc, ntc * (BN // L)], tl.reshape(out, (BM, L, 1, BN // L)))
+
+
+@triton.jit
+def _dx_kernel(dv_desc, w_desc, dx_desc, N, P, G, L: tl.constexpr, CH, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, NUM_SMS: tl.constexpr, IEEE: tl.constexpr):
+    """``dx[n, g*P + t] = sum_{j, m} dv[n, j, g*CH + m] * w1[g, m*L + j, t]`` (K in the order j, m;
+    ``dv`` read as ``(n, L*G*CH)``: a K tile is one contiguous run inside a chunk)."""
+    start = tl.program_id(0)
+    n_nt = P // BN
+    n_tiles = tl.cdiv(N, BM) * n_nt * G
+    tile_c = start - NUM_SMS
+    for tile in tl.range(start, n_tiles, NUM_SMS, flatten=True):
+        g, nt, mt = _tile_coords(tile, G, n_nt)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, L * CH, BK):
+            j = k0 // CH
+            m0 = k0 % CH
+            a = dv_desc.load([mt * BM, (j * G + g) * CH + m0])
+            b = tl.reshape(w_desc.load([g, m0, j, nt * BN]), (BK, BN))
+            acc = _dot(a, b, acc, IEEE)
+        tile_c += NUM_SMS
+        gc, ntc, mtc = _tile_coords(tile_c, G, n_nt)
+        dx_desc.store([mtc * BM, gc * P + ntc * BN], acc.to(dx_desc.dtype))
+
+
+@triton.jit
+def _dw1_kernel(dv_desc, x_desc, d_ptr, ws_ptr, cnt_ptr, N, P, Q, G, L: tl.constexpr, CH, tokens_per_split,
+                n_split, BA: tl.constexpr, BT: tl.constexpr, BKN: tl.constexpr, SPLIT1: tl.constexpr,
+                IEEE: tl.constexpr):
+    """``dw1[g, m*L + j, t] = sum_n dv[n, j, g*CH + m] * x[n, g*P + t]`` for one (tile, token split);
+    a tile is ``BA`` channels ``m`` of one chunk ``j`` by ``BT`` columns ``t``, ``dv`` read as
+    ``(n, L*G*CH)`` (2-D boxes: one contiguous run per step). Tiles of one ``x`` block are adjacent,
+    so the ``L`` reads of each ``x`` tile mostly hit L2."""
+    wid = tl.program_id(0)
+    n_at = CH // BA
+    n_tt = P // BT
+    n_wtiles = G * L * n_at * n_tt
+    tile = wid % n_wtiles
+    sp = wid // n_wtiles
+    tt = tile % n_tt
+    at = (tile // n_tt) % n_at
+    j = (tile // (n_tt * n_at)) % L
+    g = tile // (n_tt * n_at * L)
+    n_start = sp * tokens_per_split
+    n_end = tl.minimum(n_start + tokens_per_split, N)
+    acc = tl.zeros((BA, BT), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BKN):
+        pt = dv_desc.load([n0, (j * G + g) * CH + at * BA])
+        qv = x_desc.load([n0, g * P + tt * BT])
+        acc = _dot(pt.T, qv, acc, IEEE)
+    ra = at * BA + tl.arange(0, BA)
+    rt = tt * BT + tl.arange(0, BT)
+    d_off = (g * Q + ra * L + j).to(tl.int64)[:, None] * P + rt[None, :]
+    loc = tl.arange(0, BA)[:, None] * BT + tl.arange(0, BT)[None, :]
+    _reduce_store(acc, d_ptr, d_off, (ra < CH)[:, None] & (rt < P)[None, :], loc, ws_ptr, cnt_ptr,
+                  tile, sp, n_wtiles, n_split, BA * BT, SPLIT1)
+
+
+def _pow2_dividing(x: int, cap: int) -> int:
+    v = 1
+    while v * 2 <= cap and x % (v * 2) == 0:
+        v *= 2
+    return v
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hopper_or_newer(device_index: int | None) -> bool:
+    """Compute capability >= 9.0 (TMA and wgmma); cached: this sits on every call's dispatch."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether these operands can take the TMA path: Hopper or newer (or the interpreter), compute
+    dtype (``dtype``, default ``x.dtype``) bf16/fp16 (fp32 only interpreted), ``l`` a power of two
+    dividing ``q``, chunks ``q/l`` of >= 16 channels, 16-byte aligned rows.
+    ``x: (..., k*p)``, ``w1: (k, q, p)``, ``w2: (l, s, r)``."""
+    if TensorDescriptor is None:
+        return False
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    dtype = dtype or x.dtype
+    if _INTERPRET:
+        dtype_ok = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    else:
+        dtype_ok = x.is_cuda and _is_hopper_or_newer(x.device.index) and dtype in (torch.bfloat16, torch.float16)
+    return (dtype_ok and l & (l - 1) == 0 and l <= 16 and q % l == 0 and (q // l) % 16 == 0 and p % 16 == 0
+            and s % 8 == 0 and q % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiles(k: int, q: int, p: int, l: int) -> dict:
+    """Tile sizes per kernel (H100 choices from benchmarks/grouped_gemm_probe.py: 128x256x64, 8 warps,
+    3 stages within 5% of the best config at every product shape; 16 everywhere when interpreted)."""
+    ch = q // l
+    if _INTERPRET:
+        return dict(s1=(16, 16 * l, 16, 1, 1), dx=(16, 16, 16, 1, 1), dw1=(16, 16, 16, 1, 1), sms=4)
+    bn1 = _pow2_dividing(q, 256)  # >= 16*l: supports() asks 16*l | q and l <= 16
+    return dict(s1=(128, bn1, _pow2_dividing(p, 64), 8 if bn1 >= 128 else 4, 3),
+                dx=(128, _pow2_dividing(p, 256), _pow2_dividing(ch, 64), 8, 3),
+                dw1=(_pow2_dividing(ch, 128), _pow2_dividing(p, 256), 64, 8, 3),
+                sms=torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    return _INTERPRET or dtype == torch.float32
+
+
+def stage_one(x2: torch.Tensor, w1: torch.Tensor, l: int) -> torch.Tensor:
+    """``v: (n, l, r)`` (the second stage's input) from ``x2: (n, k*p)`` and ``w1: (k, q, p)``."""
+    k, q, p = w1.shape
+    n, ch = x2.shape[0], q // l
+    t = _tiles(k, q, p, l)
+    BM, BN, BK, warps, stages = t["s1"]
+    sms = t["sms"]
+    v = x2.new_empty(n, l, k * ch)
+    x_desc = TensorDescriptor.from_tensor(x2, [BM, BK])
+    w_desc = TensorDescriptor.from_tensor(w1.view(k * q, p), [BN, BK])
+    v_desc = TensorDescriptor(v, [n, l, k, ch], [l * k * ch, k * ch, ch, 1], [BM, l, 1, BN // l])
+    tiles = triton.cdiv(n, BM) * (q // BN) * k
+    _stage_one_kernel[(min(sms, tiles),)](x_desc, w_desc, v_desc, n, p, q, k, L=l, BM=BM, BN=BN, BK=BK,
+                                          NUM_SMS=sms, IEEE=_ieee(x2.dtype), num_warps=warps, num_stages=stages)
+    return v
+
+
+def input_grad(dv: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """``dx: (n, k*p)`` from ``dv: (n, l, r)`` (gradient of ``v``) and ``w1: (k, q, p)``."""
+    k, q, p = w1.shape
+    n, l = dv.shape[0], dv.shape[1]
+    ch = q // l
+    t = _tiles(k, q, p, l)
+    BM, BN, BK, warps, stages = t["dx"]
+    dx = dv.new_empty(n, k * p)
+    dv_desc = TensorDescriptor.from_tensor(dv.view(n, l * k * ch), [BM, BK])
+    w_desc = TensorDescriptor(w1, [k, ch, l, p], [q * p, l * p, p, 1], [1, BK, 1, BN])
+    dx_desc = TensorDescriptor.from_tensor(dx, [BM, BN])
+    tiles = triton.cdiv(n, BM) * (p // BN) * k
+    _dx_kernel[(min(t["sms"], tiles),)](dv_desc, w_desc, dx_desc, n, p, k, L=l, CH=ch, BM=BM, BN=BN, BK=BK,
+                                        NUM_SMS=t["sms"], IEEE=_ieee(dv.dtype), num_warps=warps,
+                                        num_stages=stages)
+    return dx
+
+
+def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size) -> torch.Tensor:
+    """``dw1: (k, q, p)`` from ``dv: (n, l, r)`` and ``x2: (n, k*p)``, reduced over tokens."""
+    from .triton_monarch import _SPLIT_OVERRIDE, _buffers
+
+    k, q, p = w1_shape
+    n, l = dv.shape[0], dv.shape[1]
+    ch = q // l
+    if DW1_CUBLAS:
+        # Rows in the order (j, m): one batched product per j (chunk j of every block is a uniform
+        # stride ch apart), then the (small) weight gradient is permuted to rows m*l + j.
+        dwp = dv.new_empty(k, l, ch, p)
+        dvv = dv.view(n, l, k, ch)
+        xv = x2.view(n, k, p).transpose(0, 1)
+        for j in range(l):
+            torch.bmm(dvv[:, j].permute(1, 2, 0), xv, out=dwp[:, j])
+        return dwp.transpose(1, 2).reshape(k, q, p)
+    BA, BT, BKN, warps, stages = _tiles(k, q, p, l)["dw1"]
+    tiles = k * l * (ch // BA) * (p // BT)
+    # About two waves of 132 SMs, each program reducing >= 1024 tokens (as the fused kernel's split).
+    split = _SPLIT_OVERRIDE or (1 if _INTERPRET else max(1, min(264 // tiles, triton.cdiv(n, 1024))))
+    tps = triton.cdiv(triton.cdiv(n, split), BKN) * BKN
+    split = triton.cdiv(n, tps)
+    ws, cnt, _ = _buffers(dv.device, split * tiles * BA * BT if split > 1 else 0, tiles if split > 1 else 0)
+    dw1 = dv.new_empty(k, q, p)
+    dv_desc = TensorDescriptor.from_tensor(dv.view(n, l * k * ch), [BKN, BA])
+    x_desc = TensorDescriptor.from_tensor(x2, [BKN, BT])
+    _dw1_kernel[(tiles * split,)](dv_desc, x_desc, dw1, ws, cnt, n, p, q, k, L=l, CH=ch, tokens_per_split=tps,
+                                  n_split=split, BA=BA, BT=BT, BKN=BKN, SPLIT1=(split == 1),
+                                  IEEE=_ieee(dv.dtype), num_warps=warps, num_stages=stages)
+    return dw1
+
+
+class _MonarchTMA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool):
+        v = stage_one(x2, w1, w2.shape[0])
+        ctx.save_for_backward(x2, w1, w2, v)
+        ctx.output_permutation = output_permutation
+        return second_stage(v, w2, output_permutation)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, w1, w2, v = ctx.saved_tensors
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        dw2, dv = second_stage_grads(grad_out, v, w2, ctx.output_permutation, need_w2, need_x or need_w1)
+        dx = input_grad(dv, w1) if need_x else None
+        dw1 = weight_grad_one(dv, x2, w1.shape) if need_w1 else None
+        return dx, dw1, dw2, None
+
+
+def monarch_multiply_tma(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                         output_permutation: bool = True) -> torch.Tensor:
+    """Monarch multiply through the TMA kernels and cuBLAS, with autograd (operands of one dtype;
+    :func:`supports` must hold). ``x: (..., k*p)``, ``w1: (k, q, p)``, ``w2: (l, s, r)``;
+    returns ``(..., l*s)``."""
+    k, _, p = w1.shape
+    l, s, _ = w2.shape
+    x2 = x.reshape(-1, k * p)
+    if x2.stride(1) != 1 or x2.stride(0) != k * p or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    out = _MonarchTMA.apply(x2, w1.contiguous(), w2.contiguous(), bool(output_permutation))
+    return out.view(*x.shape[:-1], l * s)
