@@ -382,17 +382,27 @@ def monarch_multiply_triton(
     return monarch_multiply_fused(x, w1, w2, output_permutation)
 
 
+# Per-call fwd+bwd work above which a Monarch layer is GPU-bound on the measured H100 machine
+# (>= ~1.5 ms of GPU time against ~0.6-1.4 ms of host time to issue it; benchmarks/RESULTS.md).
+GPU_BOUND_FLOPS = 1.0e12
+
+
 def prefers_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                    output_permutation: bool | None = None) -> bool:
     """Whether ``backend="auto"`` takes the Triton path for these operands.
 
     ``x``: ``(..., k*p)``; ``w1``: ``(k, q, p)``; ``w2``: ``(l, s, r)``; ``output_permutation``: the
-    output order, or ``None`` (unknown; the rule does not depend on it). Yes where the TMA path
-    applies (Hopper, bf16/fp16) with its full tiles (chunks ``q/l`` and blocks ``p`` multiples of 64)
-    and >= 8192 tokens per call: there it beat the torch path in GPU time at every measured shape and
-    in both orders (1024- and 4096-wide layers, nblocks 4: 3-20%; benchmarks/RESULTS.md, issue 7).
-    With smaller chunks (768/3072-wide at nblocks 4: chunks of 48) its tiles are too small and the
-    torch path is faster. The fused kernel never beat the torch path on an H100 and is not chosen.
+    output order, or ``None`` (unknown; the rule does not depend on it).
+
+    The TMA path (Hopper, bf16/fp16) beat or tied the torch path in GPU time at every measured shape
+    and order with power-of-two chunks ``q/l`` and blocks ``p`` that are multiples of 64 (1024- and
+    4096-wide layers, nblocks 2, 4, 8), but it costs more host time per call (three Triton launches
+    with TMA descriptors: 0.75-1.4 ms per fwd+bwd on the measured machine against 0.55-1.0 ms for
+    the torch path). So it is chosen where the call is GPU-bound: at least ``GPU_BOUND_FLOPS`` of
+    fwd+bwd work (e.g. 4096->16384 at >= 8192 tokens: 2.9x dense there). Smaller calls (BERT-large
+    widths) are bound by host time when run eagerly, where the torch path is faster; under CUDA
+    graphs, or on a faster host, ``MONARCH_MULTIPLY_BACKEND=triton`` selects the TMA path for them.
+    The fused kernel never beat the torch path on an H100 and is not chosen.
     """
     from . import triton_monarch_tma as tma
 
@@ -401,6 +411,8 @@ def prefers_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     k, q, p = w1.shape
-    l = w2.shape[0]
-    return (tma.supports(x, w1, w2, dtype) and (q // l) % 64 == 0 and p % 64 == 0
-            and x.numel() // (k * p) >= 8192)
+    ch = q // w2.shape[0]
+    tokens = x.numel() // (k * p)
+    flops = 6.0 * tokens * (w1.numel() + w2.numel())
+    return (tma.supports(x, w1, w2, dtype) and ch & (ch - 1) == 0 and p % 64 == 0
+            and flops >= GPU_BOUND_FLOPS)

@@ -7,16 +7,18 @@ Why this split (benchmarks/KERNEL_NOTES.md, v5). On an H100 the second stage, ``
 are plain strided batched products that cuBLAS runs at 450-630 TFLOP/s, and a persistent TMA Triton
 kernel only matches it. What costs is the middle permutation: the torch path moves the whole
 intermediate through two copies (20-25% of its GPU time at 1024->4096). Here the three products that
-touch the permuted side run as Triton kernels that read and write it through rank-4 TMA
-descriptors, in chunks of ``ch`` contiguous channels, so no copy is ever made:
+touch the permuted side run as Triton kernels that read and write it in chunks of ``ch`` contiguous
+channels through TMA descriptors, so the intermediate is never copied. The rows of the small factor
+``w1`` are put in the order ``(j, m)`` once per forward (:func:`chunk_rows`, ``w1p``):
 
 - stage one writes ``v`` (the second stage's input, ``(n, l, r)``, block ``j`` contiguous) directly:
-  first-stage block ``i``'s output channel ``m*l + j`` is ``v[:, j, i*ch + m]``; the tile's columns
-  are regrouped on chip before one box store into ``v`` viewed as ``(n, l, k, ch)``;
+  first-stage block ``i``'s output channel ``m*l + j`` is ``v[:, j, i*ch + m]``, i.e. column
+  ``j*ch + m`` of ``x_i @ w1p[i]^T``; a tile of whole chunks is one box store into ``v`` viewed as
+  ``(n, l, k, ch)``;
 - ``dx_i = du_i @ w1[i]`` with the reduction taken in the order ``(j, m)``: ``du_i`` is read from
-  ``dv`` (the ``v`` layout) and the rows of ``w1[i]`` through the view ``(k, ch, l, p)``;
+  ``dv`` (the ``v`` layout, one contiguous run per K step) against the rows of ``w1p[i]``;
 - ``dw1[i][m*l + j, :] = sum_n dv[n, j, i*ch + m] x_i[n, :]``, split over token ranges and finished
-  in the kernel (:func:`.triton_monarch_kernels._reduce_store`).
+  in the kernel (:func:`.triton_monarch_kernels._reduce_store`), written in ``w1``'s row order.
 
 Both output orders: the paper order permutes ``y`` / ``dy`` with one copy each, as the torch path.
 """
@@ -42,6 +44,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # dw1 through l cuBLAS products and a copy of the weight gradient instead of the Triton kernel
 # (benchmark experiment; see benchmarks/KERNEL_NOTES.md v5).
 DW1_CUBLAS = False
+DW1_TRANS = None  # force dw1 tiles transposed or not (experiment; None: _dw1_tiles decides)
+DW1_TILE = None  # (BA, BT, BKN, warps, stages) override of the dw1 tiles (experiment)
 
 
 @triton.jit
@@ -59,10 +63,13 @@ def _tile_coords(tile, G, n_nt):
 
 
 @triton.jit
-def _stage_one_kernel(x_desc, w_desc, v_desc, N, P, Q, G, L: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr, NUM_SMS: tl.constexpr, IEEE: tl.constexpr):
-    """``v[n, j, g*CH + m] = sum_t x[n, g*P + t] * w1[g, m*L + j, t]``; persistent over tiles
-    (group fastest), the tile loop flattened with the K loop so loads overlap the previous store."""
+def _stage_one_kernel(x_desc, w_desc, v_desc, N, P, Q, G, CH, BM: tl.constexpr, JB: tl.constexpr,
+                      MB: tl.constexpr, BK: tl.constexpr, NUM_SMS: tl.constexpr, IEEE: tl.constexpr):
+    """``v[n, j, g*CH + m] = sum_t x[n, g*P + t] * w1p[g, j*CH + m, t]`` (``w1p``: the rows of ``w1`` in
+    the order ``(j, m)``), a tile of ``BN = JB*MB`` columns = ``JB`` chunks of ``MB`` channels stored
+    as one box; persistent over tiles (group fastest), the tile loop flattened with the K loop so
+    loads overlap the previous tile's store."""
+    BN: tl.constexpr = JB * MB
     start = tl.program_id(0)
     n_nt = Q // BN
     n_tiles = tl.cdiv(N, BM) * n_nt * G
@@ -76,15 +83,14 @@ def _stage_one_kernel(x_desc, w_desc, v_desc, N, P, Q, G, L: tl.constexpr, BM: t
             acc = _dot(a, b.T, acc, IEEE)
         tile_c += NUM_SMS
         gc, ntc, mtc = _tile_coords(tile_c, G, n_nt)
-        # Columns c = m*L + j of the tile -> (j, m): one box of L chunks of BN/L channels.
-        out = tl.permute(tl.reshape(acc.to(v_desc.dtype), (BM, BN // L, L)), (0, 2, 1))
-        v_desc.store([mtc * BM, 0, gc, ntc * (BN // L)], tl.reshape(out, (BM, L, 1, BN // L)))
+        c0 = ntc * BN
+        v_desc.store([mtc * BM, c0 // CH, gc, c0 % CH], tl.reshape(acc.to(v_desc.dtype), (BM, JB, 1, MB)))
 
 
 @triton.jit
-def _dx_kernel(dv_desc, w_desc, dx_desc, N, P, G, L: tl.constexpr, CH, BM: tl.constexpr, BN: tl.constexpr,
+def _dx_kernel(dv_desc, w_desc, dx_desc, N, P, Q, G, L: tl.constexpr, CH, BM: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, NUM_SMS: tl.constexpr, IEEE: tl.constexpr):
-    """``dx[n, g*P + t] = sum_{j, m} dv[n, j, g*CH + m] * w1[g, m*L + j, t]`` (K in the order j, m;
+    """``dx[n, g*P + t] = sum_{j, m} dv[n, j, g*CH + m] * w1p[g, j*CH + m, t]`` (K in the order j, m;
     ``dv`` read as ``(n, L*G*CH)``: a K tile is one contiguous run inside a chunk)."""
     start = tl.program_id(0)
     n_nt = P // BN
@@ -97,7 +103,7 @@ def _dx_kernel(dv_desc, w_desc, dx_desc, N, P, G, L: tl.constexpr, CH, BM: tl.co
             j = k0 // CH
             m0 = k0 % CH
             a = dv_desc.load([mt * BM, (j * G + g) * CH + m0])
-            b = tl.reshape(w_desc.load([g, m0, j, nt * BN]), (BK, BN))
+            b = w_desc.load([g * Q + k0, nt * BN])
             acc = _dot(a, b, acc, IEEE)
         tile_c += NUM_SMS
         gc, ntc, mtc = _tile_coords(tile_c, G, n_nt)
@@ -107,7 +113,7 @@ def _dx_kernel(dv_desc, w_desc, dx_desc, N, P, G, L: tl.constexpr, CH, BM: tl.co
 @triton.jit
 def _dw1_kernel(dv_desc, x_desc, d_ptr, ws_ptr, cnt_ptr, N, P, Q, G, L: tl.constexpr, CH, tokens_per_split,
                 n_split, BA: tl.constexpr, BT: tl.constexpr, BKN: tl.constexpr, SPLIT1: tl.constexpr,
-                IEEE: tl.constexpr):
+                TRANS: tl.constexpr, IEEE: tl.constexpr):
     """``dw1[g, m*L + j, t] = sum_n dv[n, j, g*CH + m] * x[n, g*P + t]`` for one (tile, token split);
     a tile is ``BA`` channels ``m`` of one chunk ``j`` by ``BT`` columns ``t``, ``dv`` read as
     ``(n, L*G*CH)`` (2-D boxes: one contiguous run per step). Tiles of one ``x`` block are adjacent,
@@ -124,17 +130,27 @@ def _dw1_kernel(dv_desc, x_desc, d_ptr, ws_ptr, cnt_ptr, N, P, Q, G, L: tl.const
     g = tile // (n_tt * n_at * L)
     n_start = sp * tokens_per_split
     n_end = tl.minimum(n_start + tokens_per_split, N)
-    acc = tl.zeros((BA, BT), dtype=tl.float32)
-    for n0 in range(n_start, n_end, BKN):
-        pt = dv_desc.load([n0, (j * G + g) * CH + at * BA])
-        qv = x_desc.load([n0, g * P + tt * BT])
-        acc = _dot(pt.T, qv, acc, IEEE)
     ra = at * BA + tl.arange(0, BA)
     rt = tt * BT + tl.arange(0, BT)
-    d_off = (g * Q + ra * L + j).to(tl.int64)[:, None] * P + rt[None, :]
-    loc = tl.arange(0, BA)[:, None] * BT + tl.arange(0, BT)[None, :]
-    _reduce_store(acc, d_ptr, d_off, (ra < CH)[:, None] & (rt < P)[None, :], loc, ws_ptr, cnt_ptr,
-                  tile, sp, n_wtiles, n_split, BA * BT, SPLIT1)
+    if TRANS:  # the tile transposed, (BT, BA): the long side of the tile is the MMA's M
+        acc = tl.zeros((BT, BA), dtype=tl.float32)
+        for n0 in range(n_start, n_end, BKN):
+            pt = dv_desc.load([n0, (j * G + g) * CH + at * BA])
+            qv = x_desc.load([n0, g * P + tt * BT])
+            acc = _dot(qv.T, pt, acc, IEEE)
+        d_off = (g * Q + ra * L + j).to(tl.int64)[None, :] * P + rt[:, None]
+        loc = tl.arange(0, BT)[:, None] * BA + tl.arange(0, BA)[None, :]
+        d_mask = (ra < CH)[None, :] & (rt < P)[:, None]
+    else:
+        acc = tl.zeros((BA, BT), dtype=tl.float32)
+        for n0 in range(n_start, n_end, BKN):
+            pt = dv_desc.load([n0, (j * G + g) * CH + at * BA])
+            qv = x_desc.load([n0, g * P + tt * BT])
+            acc = _dot(pt.T, qv, acc, IEEE)
+        d_off = (g * Q + ra * L + j).to(tl.int64)[:, None] * P + rt[None, :]
+        loc = tl.arange(0, BA)[:, None] * BT + tl.arange(0, BT)[None, :]
+        d_mask = (ra < CH)[:, None] & (rt < P)[None, :]
+    _reduce_store(acc, d_ptr, d_off, d_mask, loc, ws_ptr, cnt_ptr, tile, sp, n_wtiles, n_split, BA * BT, SPLIT1)
 
 
 def _pow2_dividing(x: int, cap: int) -> int:
@@ -173,49 +189,71 @@ def _tiles(k: int, q: int, p: int, l: int) -> dict:
     """Tile sizes per kernel (H100 choices from benchmarks/grouped_gemm_probe.py: 128x256x64, 8 warps,
     3 stages within 5% of the best config at every product shape; 16 everywhere when interpreted)."""
     ch = q // l
+    # Stage one: chunks of MB channels (a power of two dividing ch); JB whole chunks per tile when
+    # ch itself is a power of two, up to 256 columns (one box store either way).
+    mb = _pow2_dividing(ch, 16 if _INTERPRET else 256)
+    jb = min(l, (32 if _INTERPRET else 256) // mb) if mb == ch else 1
     if _INTERPRET:
-        return dict(s1=(16, 16 * l, 16, 1, 1), dx=(16, 16, 16, 1, 1), dw1=(16, 16, 16, 1, 1), sms=4)
-    bn1 = _pow2_dividing(q, 256)  # >= 16*l: supports() asks 16*l | q and l <= 16
-    return dict(s1=(128, bn1, _pow2_dividing(p, 64), 8 if bn1 >= 128 else 4, 3),
+        return dict(s1=(16, jb, mb, 16, 1, 1), dx=(16, 16, 16, 1, 1), dw1=(16, 16, 16, 1, 1, ch <= 16), sms=4)
+    return dict(s1=(128, jb, mb, _pow2_dividing(p, 64), 8 if jb * mb >= 128 else 4, 3),
                 dx=(128, _pow2_dividing(p, 256), _pow2_dividing(ch, 64), 8, 3),
-                dw1=(_pow2_dividing(ch, 128), _pow2_dividing(p, 256), 64, 8, 3),
+                dw1=_dw1_tiles(ch, p),
                 sms=torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+
+
+def _dw1_tiles(ch: int, p: int) -> tuple:
+    """``(BA, BT, BKN, warps, stages, TRANS)`` of the dw1 kernel, from the H100 sweep
+    (``monarch_layer.py --dw1-sweep``): chunks of <= 64 channels take transposed 64x128 tiles
+    (1024-wide layers: 0.037 vs 0.064 ms with 64x256), larger chunks 128x256 (4096->16384: 0.211 ms)."""
+    if ch <= 64:
+        return (_pow2_dividing(ch, 64), _pow2_dividing(p, 128), 64, 8, 3, True)
+    return (_pow2_dividing(ch, 128), _pow2_dividing(p, 256), 64, 8, 3, False)
 
 
 def _ieee(dtype: torch.dtype) -> bool:
     return _INTERPRET or dtype == torch.float32
 
 
-def stage_one(x2: torch.Tensor, w1: torch.Tensor, l: int) -> torch.Tensor:
-    """``v: (n, l, r)`` (the second stage's input) from ``x2: (n, k*p)`` and ``w1: (k, q, p)``."""
+def chunk_rows(w1: torch.Tensor, l: int) -> torch.Tensor:
+    """``w1p: (k, q, p)``, the rows of ``w1: (k, q, p)`` in the order ``(j, m)`` (row ``j*ch + m`` is
+    ``w1[:, m*l + j]``): a copy of the small factor that makes both kernels reading ``w1`` plain 2-D
+    TMA products (reading it through a rank-4 view and reshaping on chip cost ~15% in ``dx``)."""
     k, q, p = w1.shape
+    return w1.view(k, q // l, l, p).transpose(1, 2).reshape(k, q, p)
+
+
+def stage_one(x2: torch.Tensor, w1p: torch.Tensor, l: int) -> torch.Tensor:
+    """``v: (n, l, r)`` (the second stage's input) from ``x2: (n, k*p)`` and ``w1p: (k, q, p)``
+    (:func:`chunk_rows` of ``w1``)."""
+    k, q, p = w1p.shape
     n, ch = x2.shape[0], q // l
     t = _tiles(k, q, p, l)
-    BM, BN, BK, warps, stages = t["s1"]
+    BM, JB, MB, BK, warps, stages = t["s1"]
     sms = t["sms"]
     v = x2.new_empty(n, l, k * ch)
     x_desc = TensorDescriptor.from_tensor(x2, [BM, BK])
-    w_desc = TensorDescriptor.from_tensor(w1.view(k * q, p), [BN, BK])
-    v_desc = TensorDescriptor(v, [n, l, k, ch], [l * k * ch, k * ch, ch, 1], [BM, l, 1, BN // l])
-    tiles = triton.cdiv(n, BM) * (q // BN) * k
-    _stage_one_kernel[(min(sms, tiles),)](x_desc, w_desc, v_desc, n, p, q, k, L=l, BM=BM, BN=BN, BK=BK,
+    w_desc = TensorDescriptor.from_tensor(w1p.view(k * q, p), [JB * MB, BK])
+    v_desc = TensorDescriptor(v, [n, l, k, ch], [l * k * ch, k * ch, ch, 1], [BM, JB, 1, MB])
+    tiles = triton.cdiv(n, BM) * (q // (JB * MB)) * k
+    _stage_one_kernel[(min(sms, tiles),)](x_desc, w_desc, v_desc, n, p, q, k, ch, BM=BM, JB=JB, MB=MB, BK=BK,
                                           NUM_SMS=sms, IEEE=_ieee(x2.dtype), num_warps=warps, num_stages=stages)
     return v
 
 
-def input_grad(dv: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
-    """``dx: (n, k*p)`` from ``dv: (n, l, r)`` (gradient of ``v``) and ``w1: (k, q, p)``."""
-    k, q, p = w1.shape
+def input_grad(dv: torch.Tensor, w1p: torch.Tensor) -> torch.Tensor:
+    """``dx: (n, k*p)`` from ``dv: (n, l, r)`` (gradient of ``v``) and ``w1p: (k, q, p)``
+    (:func:`chunk_rows` of ``w1``)."""
+    k, q, p = w1p.shape
     n, l = dv.shape[0], dv.shape[1]
     ch = q // l
     t = _tiles(k, q, p, l)
     BM, BN, BK, warps, stages = t["dx"]
     dx = dv.new_empty(n, k * p)
     dv_desc = TensorDescriptor.from_tensor(dv.view(n, l * k * ch), [BM, BK])
-    w_desc = TensorDescriptor(w1, [k, ch, l, p], [q * p, l * p, p, 1], [1, BK, 1, BN])
+    w_desc = TensorDescriptor.from_tensor(w1p.view(k * q, p), [BK, BN])
     dx_desc = TensorDescriptor.from_tensor(dx, [BM, BN])
     tiles = triton.cdiv(n, BM) * (p // BN) * k
-    _dx_kernel[(min(t["sms"], tiles),)](dv_desc, w_desc, dx_desc, n, p, k, L=l, CH=ch, BM=BM, BN=BN, BK=BK,
+    _dx_kernel[(min(t["sms"], tiles),)](dv_desc, w_desc, dx_desc, n, p, q, k, L=l, CH=ch, BM=BM, BN=BN, BK=BK,
                                         NUM_SMS=t["sms"], IEEE=_ieee(dv.dtype), num_warps=warps,
                                         num_stages=stages)
     return dx
@@ -237,7 +275,10 @@ def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size) ->
         for j in range(l):
             torch.bmm(dvv[:, j].permute(1, 2, 0), xv, out=dwp[:, j])
         return dwp.transpose(1, 2).reshape(k, q, p)
-    BA, BT, BKN, warps, stages = _tiles(k, q, p, l)["dw1"]
+    BA, BT, BKN, warps, stages, trans = _tiles(k, q, p, l)["dw1"]
+    if DW1_TILE is not None:
+        BA, BT, BKN, warps, stages = DW1_TILE
+    trans = trans if DW1_TRANS is None else DW1_TRANS
     tiles = k * l * (ch // BA) * (p // BT)
     # About two waves of 132 SMs, each program reducing >= 1024 tokens (as the fused kernel's split).
     split = _SPLIT_OVERRIDE or (1 if _INTERPRET else max(1, min(264 // tiles, triton.cdiv(n, 1024))))
@@ -249,25 +290,26 @@ def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size) ->
     x_desc = TensorDescriptor.from_tensor(x2, [BKN, BT])
     _dw1_kernel[(tiles * split,)](dv_desc, x_desc, dw1, ws, cnt, n, p, q, k, L=l, CH=ch, tokens_per_split=tps,
                                   n_split=split, BA=BA, BT=BT, BKN=BKN, SPLIT1=(split == 1),
-                                  IEEE=_ieee(dv.dtype), num_warps=warps, num_stages=stages)
+                                  TRANS=trans, IEEE=_ieee(dv.dtype), num_warps=warps, num_stages=stages)
     return dw1
 
 
 class _MonarchTMA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool):
-        v = stage_one(x2, w1, w2.shape[0])
-        ctx.save_for_backward(x2, w1, w2, v)
+        w1p = chunk_rows(w1, w2.shape[0])
+        v = stage_one(x2, w1p, w2.shape[0])
+        ctx.save_for_backward(x2, w1p, w2, v)
         ctx.output_permutation = output_permutation
         return second_stage(v, w2, output_permutation)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x2, w1, w2, v = ctx.saved_tensors
+        x2, w1p, w2, v = ctx.saved_tensors
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
         dw2, dv = second_stage_grads(grad_out, v, w2, ctx.output_permutation, need_w2, need_x or need_w1)
-        dx = input_grad(dv, w1) if need_x else None
-        dw1 = weight_grad_one(dv, x2, w1.shape) if need_w1 else None
+        dx = input_grad(dv, w1p) if need_x else None
+        dw1 = weight_grad_one(dv, x2, w1p.shape) if need_w1 else None
         return dx, dw1, dw2, None
 
 
