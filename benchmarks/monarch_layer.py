@@ -123,6 +123,7 @@ def host_ms(fn, iters: int = 20) -> float:
 TMA_VARIANTS = False
 PATHS["tma_dw1cublas"] = lambda x, w1, w2, perm: tma_variant(x, w1, w2, perm, DW1_CUBLAS=True)
 PATHS["tma_dw1trans"] = lambda x, w1, w2, perm: tma_variant(x, w1, w2, perm, DW1_TRANS=True)
+PATHS["tma_dw1plain"] = lambda x, w1, w2, perm: tma_variant(x, w1, w2, perm, DW1_TRANS=False)
 
 
 def tma_variant(x, w1, w2, perm, **flags):
@@ -263,44 +264,49 @@ def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool, multiply=N
     return out
 
 
-def dw1_sweep(n_in: int, n_out: int, nblocks: int = 4) -> list[str]:
-    """GPU time (CUDA graph) of the TMA path's ``dw1`` variants at one shape, against cuBLAS on a
-    contiguous ``du`` (the torch path's product, after its permutation copy)."""
+def tile_sweep(n_in: int, n_out: int, nblocks: int = 4) -> list[str]:
+    """GPU time (CUDA graph) of each TMA-path kernel (stage one, dx, dw1) under candidate tiles at one
+    shape, the current choice first; plus the dw1 alternative through cuBLAS."""
     tt = triton_monarch_tma
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
     k, q, p = sh.w1_shape
     l = sh.w2_shape[0]
-    dv = torch.randn(TOKENS, l, k * q // l, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(TOKENS, k * p, device="cuda", dtype=torch.bfloat16)
-    du = torch.randn(k, TOKENS, q, device="cuda", dtype=torch.bfloat16)
     ch = q // l
-    variants = [("default", {}), ("cublas_l_bmm", dict(DW1_CUBLAS=True)), ("trans", dict(DW1_TRANS=True)),
-                ("plain", dict(DW1_TRANS=False))]
-    for ba, bt, bk, w, st in [(min(ch, 64), 128, 64, 4, 4), (min(ch, 64), 128, 64, 8, 3), (min(ch, 128), 128, 128, 8, 3),
-                              (min(ch, 64), 256, 64, 8, 3), (min(ch, 128), 256, 64, 8, 4)]:
-        if p % bt == 0 and ch % ba == 0:
-            variants.append((f"trans {ba}x{bt}x{bk}w{w}s{st}", dict(DW1_TRANS=True, DW1_TILE=(ba, bt, bk, w, st))))
-            variants.append((f"plain {ba}x{bt}x{bk}w{w}s{st}", dict(DW1_TRANS=False, DW1_TILE=(ba, bt, bk, w, st))))
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, w1p = torch.randn(TOKENS, k * p, **bf), torch.randn(k, q, p, **bf)
+    dv = torch.randn(TOKENS, l, k * ch, **bf)
+    runs = {"s1": lambda: tt.stage_one(x, w1p, l), "dx": lambda: tt.input_grad(dv, w1p),
+            "dw1": lambda: tt.weight_grad_one(dv, x, torch.Size((k, q, p)))}
+    mb = min(ch, 256)
+    cands = {
+        "s1": [(128, jb, mb, bk, w, st) for jb in sorted({max(1, 256 // mb), max(1, 128 // mb)})
+               for (bk, w, st) in [(64, 8, 3), (64, 8, 4), (128, 8, 3), (64, 4, 4)] if jb <= l and p % bk == 0],
+        "dx": [(bm, bn, bk, w, st) for (bm, bn, bk, w, st) in
+               [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                (64, 256, 64, 4, 4), (128, 128, 128, 8, 3)] if p % bn == 0 and ch % bk == 0],
+        "dw1": [(min(ch, 64), 128, 64, 8, 3, True), (min(ch, 64), 128, 64, 4, 4, True),
+                (min(ch, 128), 256, 64, 8, 3, False), (min(ch, 128), 256, 64, 8, 4, False),
+                (min(ch, 128), 128, 128, 8, 3, True)],
+    }
     lines = []
-    ref = torch.bmm(du.transpose(1, 2), x.view(TOKENS, k, p).transpose(0, 1))
-    t_ref = triton.testing.do_bench_cudagraph(lambda: torch.bmm(du.transpose(1, 2), x.view(TOKENS, k, p).transpose(0, 1)))
-    lines.append(f"dw1 {n_in}->{n_out} nb{nblocks}: cuBLAS on contiguous du {t_ref:.4f} ms")
+    for kern, fn in runs.items():
+        for tile in [None] + cands[kern]:
+            if tile is not None:
+                tt.TILE_OVERRIDE[kern] = tile
+            try:
+                fn()
+                t = triton.testing.do_bench_cudagraph(fn)
+                lines.append(f"tiles {n_in}->{n_out} nb{nblocks} {kern:4} {str(tile or 'current'):34} {t:.4f} ms")
+            except Exception as e:  # a tile that does not fit: reported
+                lines.append(f"tiles {n_in}->{n_out} nb{nblocks} {kern:4} {str(tile):34} error {type(e).__name__}")
+            finally:
+                tt.TILE_OVERRIDE.pop(kern, None)
+            print(lines[-1])
+    tt.DW1_CUBLAS = True
+    t = triton.testing.do_bench_cudagraph(runs["dw1"])
+    tt.DW1_CUBLAS = False
+    lines.append(f"tiles {n_in}->{n_out} nb{nblocks} dw1  cuBLAS (l products + copy)         {t:.4f} ms")
     print(lines[-1])
-    for name, flags in variants:
-        old = {f: getattr(tt, f) for f in flags}
-        for f, v in flags.items():
-            setattr(tt, f, v)
-        try:
-            got = tt.weight_grad_one(dv, x, torch.Size((k, q, p)))
-            ok = got.shape == ref.shape
-            t = triton.testing.do_bench_cudagraph(lambda: tt.weight_grad_one(dv, x, torch.Size((k, q, p))))
-            lines.append(f"dw1 {n_in}->{n_out} nb{nblocks}: {name:28} {t:.4f} ms" + ("" if ok else " WRONG SHAPE"))
-        except Exception as e:  # a tile that does not fit: reported
-            lines.append(f"dw1 {n_in}->{n_out} nb{nblocks}: {name:28} error {type(e).__name__} {str(e)[:80]}")
-        finally:
-            for f, v in old.items():
-                setattr(tt, f, v)
-        print(lines[-1])
     return lines
 
 
@@ -360,7 +366,7 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="per-kernel times at nblocks 4")
     ap.add_argument("--no-check", action="store_true", help="skip the GPU correctness checks")
     ap.add_argument("--no-mlp", action="store_true", help="skip the MLP block")
-    ap.add_argument("--dw1-sweep", action="store_true", help="dw1 variants of the TMA path, then exit")
+    ap.add_argument("--tile-sweep", action="store_true", help="tiles of the TMA path's kernels, then exit")
     ap.add_argument("--tma-variants", action="store_true", help="also the TMA path with dw1 by cuBLAS")
     ap.add_argument("--check-paths", default="fused,tma", help="paths to check: fused, tma")
     ap.add_argument("--graphs", action="store_true", help="also fwd+bwd GPU time in a CUDA graph (no host)")
@@ -372,9 +378,9 @@ def main() -> None:
     layers = LAYERS
     if args.layers:
         layers = [tuple(int(v) for v in t.split("x")) for t in args.layers.split(",")]
-    if args.dw1_sweep:
+    if args.tile_sweep:
         for n_in, n_out in layers:
-            dw1_sweep(n_in, n_out)
+            tile_sweep(n_in, n_out)
         return
     checks = []
     for (n_in, n_out, nb, perm, dtype, tok) in [

@@ -45,7 +45,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (benchmark experiment; see benchmarks/KERNEL_NOTES.md v5).
 DW1_CUBLAS = False
 DW1_TRANS = None  # force dw1 tiles transposed or not (experiment; None: _dw1_tiles decides)
-DW1_TILE = None  # (BA, BT, BKN, warps, stages) override of the dw1 tiles (experiment)
+# Tile overrides per kernel ("s1", "dx", "dw1"; tuples as in _tiles), for the benchmark's tile sweeps.
+TILE_OVERRIDE: dict = {}
 
 
 @triton.jit
@@ -186,8 +187,8 @@ def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.d
 
 @functools.lru_cache(maxsize=None)
 def _tiles(k: int, q: int, p: int, l: int) -> dict:
-    """Tile sizes per kernel (H100 choices from benchmarks/grouped_gemm_probe.py: 128x256x64, 8 warps,
-    3 stages within 5% of the best config at every product shape; 16 everywhere when interpreted)."""
+    """Tile sizes per kernel on an H100 (benchmarks/grouped_gemm_probe.py and ``monarch_layer.py
+    --tile-sweep``: 128x256x64, 8 warps, 3 stages unless a sweep found better); 16 when interpreted."""
     ch = q // l
     # Stage one: chunks of MB channels (a power of two dividing ch); JB whole chunks per tile when
     # ch itself is a power of two, up to 256 columns (one box store either way).
@@ -195,8 +196,14 @@ def _tiles(k: int, q: int, p: int, l: int) -> dict:
     jb = min(l, (32 if _INTERPRET else 256) // mb) if mb == ch else 1
     if _INTERPRET:
         return dict(s1=(16, jb, mb, 16, 1, 1), dx=(16, 16, 16, 1, 1), dw1=(16, 16, 16, 1, 1, ch <= 16), sms=4)
-    return dict(s1=(128, jb, mb, _pow2_dividing(p, 64), 8 if jb * mb >= 128 else 4, 3),
-                dx=(128, _pow2_dividing(p, 256), _pow2_dividing(ch, 64), 8, 3),
+    if mb == ch <= 64:  # tile sweep (--tile-sweep): 128 columns and K steps of 128 win here
+        s1 = (128, min(l, 128 // ch), ch, _pow2_dividing(p, 128), 8, 3)
+    else:
+        s1 = (128, jb, mb, _pow2_dividing(p, 64), 8 if jb * mb >= 128 else 4, 3)
+    # dx: 128x128 tiles, 4 warps, 4 stages for long rows with short chunks (4096->1024: 0.083 vs 0.090).
+    dx = ((128, 128, _pow2_dividing(ch, 64), 4, 4) if ch <= 64 and p >= 1024 and p % 128 == 0
+          else (128, _pow2_dividing(p, 256), _pow2_dividing(ch, 64), 8, 3))
+    return dict(s1=s1, dx=dx,
                 dw1=_dw1_tiles(ch, p),
                 sms=torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
 
@@ -228,7 +235,7 @@ def stage_one(x2: torch.Tensor, w1p: torch.Tensor, l: int) -> torch.Tensor:
     k, q, p = w1p.shape
     n, ch = x2.shape[0], q // l
     t = _tiles(k, q, p, l)
-    BM, JB, MB, BK, warps, stages = t["s1"]
+    BM, JB, MB, BK, warps, stages = TILE_OVERRIDE.get("s1", t["s1"])
     sms = t["sms"]
     v = x2.new_empty(n, l, k * ch)
     x_desc = TensorDescriptor.from_tensor(x2, [BM, BK])
@@ -247,7 +254,7 @@ def input_grad(dv: torch.Tensor, w1p: torch.Tensor) -> torch.Tensor:
     n, l = dv.shape[0], dv.shape[1]
     ch = q // l
     t = _tiles(k, q, p, l)
-    BM, BN, BK, warps, stages = t["dx"]
+    BM, BN, BK, warps, stages = TILE_OVERRIDE.get("dx", t["dx"])
     dx = dv.new_empty(n, k * p)
     dv_desc = TensorDescriptor.from_tensor(dv.view(n, l * k * ch), [BM, BK])
     w_desc = TensorDescriptor.from_tensor(w1p.view(k * q, p), [BK, BN])
@@ -275,9 +282,7 @@ def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size) ->
         for j in range(l):
             torch.bmm(dvv[:, j].permute(1, 2, 0), xv, out=dwp[:, j])
         return dwp.transpose(1, 2).reshape(k, q, p)
-    BA, BT, BKN, warps, stages, trans = _tiles(k, q, p, l)["dw1"]
-    if DW1_TILE is not None:
-        BA, BT, BKN, warps, stages = DW1_TILE
+    BA, BT, BKN, warps, stages, trans = TILE_OVERRIDE.get("dw1", _tiles(k, q, p, l)["dw1"])
     trans = trans if DW1_TRANS is None else DW1_TRANS
     tiles = k * l * (ch // BA) * (p // BT)
     # About two waves of 132 SMs, each program reducing >= 1024 tokens (as the fused kernel's split).
