@@ -410,9 +410,16 @@ def prefers_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
         return False
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    k, q, p = w1.shape
-    ch = q // w2.shape[0]
-    tokens = x.numel() // (k * p)
-    flops = 6.0 * tokens * (w1.numel() + w2.numel())
-    return (tma.supports(x, w1, w2, dtype) and ch & (ch - 1) == 0 and p % 64 == 0
-            and flops >= GPU_BOUND_FLOPS)
+    k, _, p = w1.shape
+    return tma.supports(x, w1, w2, dtype) and tma_pays_off(x.numel() // (k * p), w1.shape, w2.shape)
+
+
+def tma_pays_off(tokens: int, w1_shape: tuple, w2_shape: tuple) -> bool:
+    """The shape part of :func:`prefers_triton`: power-of-two chunks ``q/l``, blocks ``p`` that are
+    multiples of 64, and at least ``GPU_BOUND_FLOPS`` of fwd+bwd work for ``tokens`` rows.
+    ``w1_shape``: ``(k, q, p)``; ``w2_shape``: ``(l, s, r)``."""
+    k, q, p = w1_shape
+    l, s, r = w2_shape
+    ch = q // l
+    flops = 6.0 * tokens * (k * q * p + l * s * r)
+    return ch > 0 and ch & (ch - 1) == 0 and p % 64 == 0 and flops >= GPU_BOUND_FLOPS
