@@ -45,6 +45,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (benchmark experiment; see benchmarks/KERNEL_NOTES.md v5).
 DW1_CUBLAS = False
 DW1_TRANS = None  # force dw1 tiles transposed or not (experiment; None: _dw1_tiles decides)
+# The paper order's second stage through the interleaving kernel (l == 4, r <= 256) instead of
+# cuBLAS + a copy of y.
+PAPER_KERNEL = True
 # Tile overrides per kernel ("s1", "dx", "dw1"; tuples as in _tiles), for the benchmark's tile sweeps.
 TILE_OVERRIDE: dict = {}
 
@@ -86,6 +89,36 @@ def _stage_one_kernel(x_desc, w_desc, v_desc, N, P, Q, G, CH, BM: tl.constexpr, 
         gc, ntc, mtc = _tile_coords(tile_c, G, n_nt)
         c0 = ntc * BN
         v_desc.store([mtc * BM, c0 // CH, gc, c0 % CH], tl.reshape(acc.to(v_desc.dtype), (BM, JB, 1, MB)))
+
+
+@triton.jit
+def _stage_two_paper_kernel(v_desc, w_desc, y_desc, N, S, R, BM: tl.constexpr, BA: tl.constexpr,
+                            BK: tl.constexpr, NUM_SMS: tl.constexpr, IEEE: tl.constexpr):
+    """Second stage in the paper's output order for ``L = 4``: ``y[n, a*4 + j] = sum_t v[n, j, t] *
+    w2[j, a, t]``. A tile computes the four blocks' outputs for ``BA`` columns ``a`` in four
+    accumulators and interleaves them on chip (``tl.join``), so ``y`` is written once, contiguously,
+    instead of written block-major and copied."""
+    start = tl.program_id(0)
+    n_at = S // BA
+    n_tiles = tl.cdiv(N, BM) * n_at
+    tile_c = start - NUM_SMS
+    for tile in tl.range(start, n_tiles, NUM_SMS, flatten=True):
+        at = tile % n_at
+        mt = tile // n_at
+        acc0 = tl.zeros((BM, BA), dtype=tl.float32)
+        acc1 = tl.zeros((BM, BA), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BA), dtype=tl.float32)
+        acc3 = tl.zeros((BM, BA), dtype=tl.float32)
+        for k0 in range(0, R, BK):
+            acc0 = _dot(v_desc.load([mt * BM, k0]), w_desc.load([at * BA, k0]).T, acc0, IEEE)
+            acc1 = _dot(v_desc.load([mt * BM, R + k0]), w_desc.load([S + at * BA, k0]).T, acc1, IEEE)
+            acc2 = _dot(v_desc.load([mt * BM, 2 * R + k0]), w_desc.load([2 * S + at * BA, k0]).T, acc2, IEEE)
+            acc3 = _dot(v_desc.load([mt * BM, 3 * R + k0]), w_desc.load([3 * S + at * BA, k0]).T, acc3, IEEE)
+        tile_c += NUM_SMS
+        # join(join(a0, a2), join(a1, a3))[m, a, i, d] is block 2*i + d: column a*4 + j after reshape.
+        out = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3))
+        y_desc.store([(tile_c // n_at) * BM, (tile_c % n_at) * BA * 4],
+                     tl.reshape(out, (BM, BA * 4)).to(y_desc.dtype))
 
 
 @triton.jit
@@ -195,7 +228,8 @@ def _tiles(k: int, q: int, p: int, l: int) -> dict:
     mb = _pow2_dividing(ch, 16 if _INTERPRET else 256)
     jb = min(l, (32 if _INTERPRET else 256) // mb) if mb == ch else 1
     if _INTERPRET:
-        return dict(s1=(16, jb, mb, 16, 1, 1), dx=(16, 16, 16, 1, 1), dw1=(16, 16, 16, 1, 1, ch <= 16), sms=4)
+        return dict(s1=(16, jb, mb, 16, 1, 1), dx=(16, 16, 16, 1, 1), dw1=(16, 16, 16, 1, 1, ch <= 16),
+                    sms=_sm_count())
     if mb == ch <= 64:  # tile sweep (--tile-sweep): 128 columns and K steps of 128 win here
         s1 = (128, min(l, 128 // ch), ch, _pow2_dividing(p, 128), 8, 3)
     else:
@@ -205,7 +239,13 @@ def _tiles(k: int, q: int, p: int, l: int) -> dict:
           else (128, _pow2_dividing(p, 256), _pow2_dividing(ch, 64), 8, 3))
     return dict(s1=s1, dx=dx,
                 dw1=_dw1_tiles(ch, p),
-                sms=torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+                sms=_sm_count())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count() -> int:
+    """Programs of the persistent kernels: one per SM (4 when interpreted)."""
+    return 4 if _INTERPRET else torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def _dw1_tiles(ch: int, p: int) -> tuple:
@@ -245,6 +285,24 @@ def stage_one(x2: torch.Tensor, w1p: torch.Tensor, l: int) -> torch.Tensor:
     _stage_one_kernel[(min(sms, tiles),)](x_desc, w_desc, v_desc, n, p, q, k, ch, BM=BM, JB=JB, MB=MB, BK=BK,
                                           NUM_SMS=sms, IEEE=_ieee(x2.dtype), num_warps=warps, num_stages=stages)
     return v
+
+
+def stage_two_paper(v: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``y: (n, s*4)`` in the paper's order from ``v: (n, 4, r)`` and ``w2: (4, s, r)`` (``l == 4``,
+    ``s`` a multiple of 16); the output permutation costs no pass of its own."""
+    l, s, r = w2.shape
+    n = v.shape[0]
+    BA = _pow2_dividing(s, 16 if _INTERPRET else 64)
+    BM, BK, warps, stages = (16, 16, 1, 1) if _INTERPRET else (64, _pow2_dividing(r, 64), 4, 2)
+    sms = _sm_count()
+    y = v.new_empty(n, s * l)
+    v_desc = TensorDescriptor.from_tensor(v.view(n, l * r), [BM, BK])
+    w_desc = TensorDescriptor.from_tensor(w2.view(l * s, r), [BA, BK])
+    y_desc = TensorDescriptor.from_tensor(y, [BM, BA * 4])
+    tiles = triton.cdiv(n, BM) * (s // BA)
+    _stage_two_paper_kernel[(min(sms, tiles),)](v_desc, w_desc, y_desc, n, s, r, BM=BM, BA=BA, BK=BK, NUM_SMS=sms,
+                                                IEEE=_ieee(v.dtype), num_warps=warps, num_stages=stages)
+    return y
 
 
 def input_grad(dv: torch.Tensor, w1p: torch.Tensor) -> torch.Tensor:
@@ -306,6 +364,12 @@ class _MonarchTMA(torch.autograd.Function):
         v = stage_one(x2, w1p, w2.shape[0])
         ctx.save_for_backward(x2, w1p, w2, v)
         ctx.output_permutation = output_permutation
+        l, s, r = w2.shape
+        # The interleaving kernel wins where the second stage is bound by writing y (r <= 256:
+        # 1024->4096 0.62 vs 0.68 ms fwd+bwd) and loses where it is bound by its FLOPs (4096->16384,
+        # r = 1024: 5.9 vs 4.6 ms, cuBLAS is faster there): KERNEL_NOTES v5g.
+        if output_permutation and PAPER_KERNEL and l == 4 and s % 16 == 0 and r <= 256:
+            return stage_two_paper(v, w2)
         return second_stage(v, w2, output_permutation)
 
     @staticmethod
