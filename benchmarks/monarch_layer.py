@@ -122,8 +122,6 @@ def host_ms(fn, iters: int = 20) -> float:
 
 TMA_VARIANTS = False
 PATHS["tma_dw1cublas"] = lambda x, w1, w2, perm: tma_variant(x, w1, w2, perm, DW1_CUBLAS=True)
-PATHS["tma_dw1trans"] = lambda x, w1, w2, perm: tma_variant(x, w1, w2, perm, DW1_TRANS=True)
-PATHS["tma_dw1plain"] = lambda x, w1, w2, perm: tma_variant(x, w1, w2, perm, DW1_TRANS=False)
 
 
 def tma_variant(x, w1, w2, perm, **flags):

@@ -44,7 +44,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # dw1 through l cuBLAS products and a copy of the weight gradient instead of the Triton kernel
 # (benchmark experiment; see benchmarks/KERNEL_NOTES.md v5).
 DW1_CUBLAS = False
-DW1_TRANS = None  # force dw1 tiles transposed or not (experiment; None: _dw1_tiles decides)
 # The paper order's second stage through the interleaving kernel (l == 4, r <= 256) instead of
 # cuBLAS + a copy of y.
 PAPER_KERNEL = True
@@ -341,7 +340,6 @@ def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size) ->
             torch.bmm(dvv[:, j].permute(1, 2, 0), xv, out=dwp[:, j])
         return dwp.transpose(1, 2).reshape(k, q, p)
     BA, BT, BKN, warps, stages, trans = TILE_OVERRIDE.get("dw1", _tiles(k, q, p, l)["dw1"])
-    trans = trans if DW1_TRANS is None else DW1_TRANS
     tiles = k * l * (ch // BA) * (p // BT)
     # About two waves of 132 SMs, each program reducing >= 1024 tokens (as the fused kernel's split).
     split = _SPLIT_OVERRIDE or (1 if _INTERPRET else max(1, min(264 // tiles, triton.cdiv(n, 1024))))
