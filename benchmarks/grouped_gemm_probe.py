@@ -4,7 +4,7 @@ Times ``C[:, g*NC:(g+1)*NC] = A[:, g*K:(g+1)*K] @ B[g]^T`` (``A: (n, G*K)``, ``B
 ``C: (n, G*NC)``, bf16) three ways, for the product shapes of the issue's layers (nblocks 4):
 
 - ``cublas``: ``torch.bmm`` on strided views writing into ``C`` (what the torch path does);
-- ``fused``: the GEMM role of the fused kernel (``monarch_megatron.monarch.triton_monarch``);
+- ``fused``: the GEMM role of the experimental fused kernel (``monarch_megatron.monarch.experimental.fused``);
 - ``tma``: a persistent Triton kernel with TMA descriptors (host ``TensorDescriptor``), the tile loop
   flattened with the K loop so that one tile's loads overlap the previous tile's store; ``tma3``:
   the same with ``A`` read through a rank-3 descriptor ``(n, G*K/CH, CH)`` box ``[BM, 1, BK]``, the
@@ -28,8 +28,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from monarch_megatron.monarch import triton_monarch  # noqa: E402
-from monarch_megatron.monarch.triton_monarch_tma import _tile_coords  # noqa: E402
+from monarch_megatron.monarch.experimental import fused  # noqa: E402
+from monarch_megatron.monarch.triton_common import tile_coords  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (name, G, K, NC): the products of 1024->4096 / 4096->1024 / 4096->16384 at nblocks 4.
@@ -50,7 +50,7 @@ def _grouped_tma_kernel(a_desc, b_desc, c_desc, N, G, K, NC, CH,
     k_tiles = K // BK
     tile_c = start - NUM_SMS
     for tile in tl.range(start, n_tiles, NUM_SMS, flatten=True):
-        g, nt, mt = _tile_coords(tile, G, n_nt)
+        g, nt, mt = tile_coords(tile, G, n_nt)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(k_tiles):
             kk = g * K + ki * BK
@@ -61,7 +61,7 @@ def _grouped_tma_kernel(a_desc, b_desc, c_desc, N, G, K, NC, CH,
             b = b_desc.load([g * NC + nt * BN, ki * BK])
             acc = tl.dot(a, b.T, acc)
         tile_c += NUM_SMS
-        gc, ntc, mtc = _tile_coords(tile_c, G, n_nt)
+        gc, ntc, mtc = tile_coords(tile_c, G, n_nt)
         out = acc.to(c_desc.dtype)
         if SUBTILE:
             o0, o1 = tl.split(tl.permute(tl.reshape(out, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -100,8 +100,8 @@ def grouped_fused(a, b, c) -> None:
     """The fused kernel's plain GEMM role (stage-one form: contiguous blocks in and out)."""
     n = a.shape[0]
     G, NC, K = b.shape
-    spec = triton_monarch._make_spec(n, False, dict(kind=1, K=K, NC=NC, G=G, a_map=(K, 0, K), c_map=(NC, 0, NC),
-                                                    sam=G * K, scm=G * NC, b_strides=(NC * K, 1, K)), None)
+    spec = fused.launch_spec(n, False, dict(kind=1, K=K, NC=NC, G=G, a_map=(K, 0, K), c_map=(NC, 0, NC),
+                                            sam=G * K, scm=G * NC, b_strides=(NC * K, 1, K)), None)
     spec.run(a, b, c, a, a, c, a.device)
 
 

@@ -1,8 +1,10 @@
 """Monarch layer benchmark: dense ``F.linear`` vs the Monarch paths, in one run.
 
 Paths: ``torch`` (the reference path: cuBLAS batched products and permutation copies), ``fused``
-(the fused Triton kernel, any CUDA GPU), ``tma`` (Hopper: TMA Triton kernels where the permutation
-is, cuBLAS for the plain products; what ``backend="triton"`` and ``"auto"`` run on an H100).
+(the experimental fused Triton kernel, any CUDA GPU), ``tma`` (Hopper: TMA Triton kernels where the
+permutation is, cuBLAS for the plain products; what ``backend="triton"`` and ``"auto"`` run on an
+H100). Experiments (``--variants``, ``--tma-variants``, ``--tile-sweep``) run a path with other
+:class:`KernelOptions`, passed to the call; no module state is switched.
 
 One command (on a CUDA machine):
 
@@ -34,9 +36,9 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from monarch_megatron.monarch.multiply import monarch_multiply_torch  # noqa: E402
-from monarch_megatron.monarch.shapes import monarch_factor_shapes  # noqa: E402
-from monarch_megatron.monarch import triton_monarch, triton_monarch_tma  # noqa: E402
+from monarch_megatron.monarch import KernelOptions, monarch_factor_shapes, monarch_multiply_torch  # noqa: E402
+from monarch_megatron.monarch import triton_monarch_tma  # noqa: E402
+from monarch_megatron.monarch.experimental import fused  # noqa: E402
 
 TOKENS = 16384
 LAYERS = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1024, 1024), (4096, 16384)]
@@ -44,7 +46,9 @@ LAYERS = [(768, 3072), (3072, 768), (1024, 4096), (4096, 1024), (1024, 1024), (4
 # intermediate give errors of a few 1e-3; fp32 with IEEE dots lands near 1e-6.
 # The Triton paths: the fused kernel (any CUDA GPU) and the TMA kernels + cuBLAS (Hopper; what
 # backend="triton" and "auto" run there).
-PATHS = {"fused": triton_monarch.monarch_multiply_fused, "tma": triton_monarch_tma.monarch_multiply_tma}
+PATHS = {"fused": fused.monarch_multiply_fused, "tma": triton_monarch_tma.monarch_multiply_tma,
+         "tma_dw1cublas": lambda x, w1, w2, perm: triton_monarch_tma.monarch_multiply_tma(
+             x, w1, w2, perm, KernelOptions(tma_dw1_cublas=True))}
 REL_BOUND = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
@@ -121,19 +125,6 @@ def host_ms(fn, iters: int = 20) -> float:
 
 
 TMA_VARIANTS = False
-PATHS["tma_dw1cublas"] = lambda x, w1, w2, perm: tma_variant(x, w1, w2, perm, DW1_CUBLAS=True)
-
-
-def tma_variant(x, w1, w2, perm, **flags):
-    """The TMA path with module flags of :mod:`triton_monarch_tma` set for this call only."""
-    old = {k: getattr(triton_monarch_tma, k) for k in flags}
-    for k, v in flags.items():
-        setattr(triton_monarch_tma, k, v)
-    try:
-        return triton_monarch_tma.monarch_multiply_tma(x, w1, w2, perm)
-    finally:
-        for k, v in old.items():
-            setattr(triton_monarch_tma, k, v)
 
 
 def graph_ms(f, g: torch.Tensor, params: list) -> float:
@@ -160,10 +151,11 @@ def graph_ms(f, g: torch.Tensor, params: list) -> float:
 
 
 def time_layer(n_in: int, n_out: int, nblocks: int, perm: bool, extra: dict | None = None,
-               graphs: bool = False) -> dict:
+               graphs: bool = False, fused_kernel: KernelOptions = KernelOptions()) -> dict:
     """fwd and fwd+bwd times of dense, torch-path Monarch and Triton Monarch at one shape (plus the
     modules in ``extra``, name -> module with ``monarch_multiply_triton``); host time of Triton;
-    with ``graphs``, fwd+bwd GPU time of each in a CUDA graph as well."""
+    with ``graphs``, fwd+bwd GPU time of each in a CUDA graph as well. ``fused_kernel``: the
+    options the fused path runs with (``--variants``)."""
     dt = torch.bfloat16
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
     x = torch.randn(TOKENS, n_in, device="cuda", dtype=dt).requires_grad_()
@@ -176,12 +168,14 @@ def time_layer(n_in: int, n_out: int, nblocks: int, perm: bool, extra: dict | No
     fns = {
         "dense": (lambda: F.linear(x, w), dy, [x, w]),
         "torch": (lambda: monarch_multiply_torch(xp, w1, w2, perm), dyp, [xp, w1, w2]),
-        "fused": (lambda: triton_monarch.monarch_multiply_fused(xp, w1, w2, perm), dyp, [xp, w1, w2]),
+        "fused": (lambda: fused.monarch_multiply_fused(xp, w1, w2, perm, fused_kernel), dyp, [xp, w1, w2]),
     }
     if triton_monarch_tma.supports(xp, w1, w2):
         fns["tma"] = (lambda: triton_monarch_tma.monarch_multiply_tma(xp, w1, w2, perm), dyp, [xp, w1, w2])
         if TMA_VARIANTS and perm:
-            fns["tma_copyperm"] = (lambda: tma_variant(xp, w1, w2, perm, PAPER_KERNEL=False), dyp, [xp, w1, w2])
+            copy_perm = KernelOptions(tma_paper_kernel=False)
+            fns["tma_copyperm"] = (lambda: triton_monarch_tma.monarch_multiply_tma(xp, w1, w2, perm, copy_perm), dyp,
+                                   [xp, w1, w2])
     for name, mod in (extra or {}).items():
         fns[name] = (lambda mod=mod: mod.monarch_multiply_triton(xp, w1, w2, perm), dyp, [xp, w1, w2])
     res = {"layer": f"{n_in}->{n_out}", "nblocks": nblocks, "perm": perm,
@@ -222,7 +216,7 @@ def time_mlp(nblocks: int = 4, hidden: int = 1024, ffn: int = 4096) -> dict:
 
     fns = {"dense": (dense, [x, wd1, bd1, wd2, bd2]),
            "torch": (monarch(monarch_multiply_torch), [x, a1, b1, a2, b2, bd1, bd2]),
-           "fused": (monarch(triton_monarch.monarch_multiply_fused), [x, a1, b1, a2, b2, bd1, bd2]),
+           "fused": (monarch(fused.monarch_multiply_fused), [x, a1, b1, a2, b2, bd1, bd2]),
            "tma": (monarch(triton_monarch_tma.monarch_multiply_tma), [x, a1, b1, a2, b2, bd1, bd2])}
     res = {"layer": f"MLP {hidden}->{ffn}->{hidden}", "nblocks": nblocks, "perm": "fc1 F / fc2 T",
            "flop_ratio": (2 * hidden * ffn) / (s1.num_params + s2.num_params)}
@@ -234,10 +228,9 @@ def time_mlp(nblocks: int = 4, hidden: int = 1024, ffn: int = 4096) -> dict:
     return res
 
 
-def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool, multiply=None) -> list[tuple[str, float]]:
-    """Per-kernel device times (ms, launch order) of one fwd+bwd of ``multiply`` (default: the Triton
-    path), from the profiler."""
-    multiply = multiply or triton_monarch.monarch_multiply_triton
+def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool, multiply) -> list[tuple[str, float]]:
+    """Per-kernel device times (ms, launch order) of one fwd+bwd of ``multiply(x, w1, w2, perm)``,
+    from the profiler."""
     dt = torch.bfloat16
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
     xp = torch.randn(TOKENS, sh.padded_in, device="cuda", dtype=dt).requires_grad_()
@@ -264,7 +257,8 @@ def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool, multiply=N
 
 def tile_sweep(n_in: int, n_out: int, nblocks: int = 4) -> list[str]:
     """GPU time (CUDA graph) of each TMA-path kernel (stage one, dx, dw1) under candidate tiles at one
-    shape, the current choice first; plus the dw1 alternative through cuBLAS."""
+    shape, the current choice first; plus the dw1 alternative through cuBLAS. Each candidate runs
+    with its own :class:`KernelOptions` (``tma_tile_overrides``), so it gets its own cached tiles."""
     tt = triton_monarch_tma
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
     k, q, p = sh.w1_shape
@@ -273,8 +267,8 @@ def tile_sweep(n_in: int, n_out: int, nblocks: int = 4) -> list[str]:
     bf = dict(device="cuda", dtype=torch.bfloat16)
     x, w1p = torch.randn(TOKENS, k * p, **bf), torch.randn(k, q, p, **bf)
     dv = torch.randn(TOKENS, l, k * ch, **bf)
-    runs = {"s1": lambda: tt.stage_one(x, w1p, l), "dx": lambda: tt.input_grad(dv, w1p),
-            "dw1": lambda: tt.weight_grad_one(dv, x, torch.Size((k, q, p)))}
+    runs = {"s1": lambda kern: tt.stage_one(x, w1p, l, kern), "dx": lambda kern: tt.input_grad(dv, w1p, kern),
+            "dw1": lambda kern: tt.weight_grad_one(dv, x, torch.Size((k, q, p)), kern)}
     mb = min(ch, 256)
     cands = {
         "s1": [(128, jb, mb, bk, w, st) for jb in sorted({max(1, 256 // mb), max(1, 128 // mb)})
@@ -287,22 +281,19 @@ def tile_sweep(n_in: int, n_out: int, nblocks: int = 4) -> list[str]:
                 (min(ch, 128), 128, 128, 8, 3, True)],
     }
     lines = []
-    for kern, fn in runs.items():
+    for kern, run in runs.items():
         for tile in [None] + cands[kern]:
-            if tile is not None:
-                tt.TILE_OVERRIDE[kern] = tile
+            options = KernelOptions(tma_tile_overrides={kern: tile} if tile is not None else ())
+            fn = lambda run=run, options=options: run(options)  # noqa: E731
             try:
                 fn()
                 t = triton.testing.do_bench_cudagraph(fn)
                 lines.append(f"tiles {n_in}->{n_out} nb{nblocks} {kern:4} {str(tile or 'current'):34} {t:.4f} ms")
             except Exception as e:  # a tile that does not fit: reported
                 lines.append(f"tiles {n_in}->{n_out} nb{nblocks} {kern:4} {str(tile):34} error {type(e).__name__}")
-            finally:
-                tt.TILE_OVERRIDE.pop(kern, None)
             print(lines[-1])
-    tt.DW1_CUBLAS = True
-    t = triton.testing.do_bench_cudagraph(runs["dw1"])
-    tt.DW1_CUBLAS = False
+    dw1_cublas = KernelOptions(tma_dw1_cublas=True)
+    t = triton.testing.do_bench_cudagraph(lambda: runs["dw1"](dw1_cublas))
     lines.append(f"tiles {n_in}->{n_out} nb{nblocks} dw1  cuBLAS (l products + copy)         {t:.4f} ms")
     print(lines[-1])
     return lines
@@ -337,15 +328,13 @@ def load_module(path: str):
 
 
 def time_variants(n_in: int, n_out: int, nblocks: int, perm: bool) -> list[str]:
-    """fwd+bwd and host time of the Triton path with one launch experiment switched at a time."""
-    tm = triton_monarch
+    """fwd+bwd and host time of the fused path with one launch experiment switched at a time."""
     lines = []
-    for name, flag, val in [("no_fast_launch", "FAST_LAUNCH", False), ("no_merge", "MERGE", False),
-                            ("dw1_bmm", "DW1_BMM", True), ("dw1_kernel", "DW1_BMM", False)]:
-        old = getattr(tm, flag)
-        setattr(tm, flag, val)
-        r = time_layer(n_in, n_out, nblocks, perm, extra=None)
-        setattr(tm, flag, old)
+    for name, kernel in [("no_fast_launch", KernelOptions(fused_direct_launch=False)),
+                         ("no_merge", KernelOptions(fused_merged_launches=False)),
+                         ("dw1_bmm", KernelOptions(fused_dw1_cublas=True)),
+                         ("dw1_kernel", KernelOptions(fused_dw1_cublas=False))]:
+        r = time_layer(n_in, n_out, nblocks, perm, extra=None, fused_kernel=kernel)
         lines.append(f"variant {n_in}->{n_out} nb{nblocks} perm={perm} {name:15} fwd {r['fused_fwd']:.3f} "
                      f"fwd+bwd {r['fused_fwdbwd']:.3f} host {r['fused_host']:.3f} (dense {r['dense_fwdbwd']:.3f})")
         print(lines[-1])
@@ -421,16 +410,17 @@ def main() -> None:
     if args.breakdown:
         for perm in (True, False):
             for n_in, n_out in [(1024, 4096), (4096, 1024), (1024, 1024), (4096, 16384)]:
-                for path, mm in (("fused", triton_monarch.monarch_multiply_fused),
+                for path, mm in (("fused", fused.monarch_multiply_fused),
                                  ("tma", triton_monarch_tma.monarch_multiply_tma), ("torch", monarch_multiply_torch)):
                     parts = kernel_breakdown(n_in, n_out, 4, perm, mm)
                     print(f"breakdown {path} {n_in}->{n_out} nb4 perm={perm}:",
                           " ".join(f"{nm}={t:.3f}" for nm, t in parts), f"sum={sum(t for _, t in parts):.3f}")
     if not args.no_mlp:
         rows.append(time_mlp())
-    tm = triton_monarch
-    print(f"\nfast launch {tm.FAST_LAUNCH}; merged launches that fell back to two: {len(tm.FALLBACKS)}")
-    for fb in tm.FALLBACKS:
+    launches = fused.launch_diagnostics()
+    print(f"\nfast launch {launches['direct_launch']}; merged launches that fell back to two: "
+          f"{len(launches['merged_fallbacks'])}")
+    for fb in launches["merged_fallbacks"]:
         print("fallback", fb)
     print("\n".join(notes))
     for r in rows:

@@ -26,8 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from monarch_megatron.monarch import monarch_factor_shapes  # noqa: E402
-from monarch_megatron.monarch.multiply import monarch_multiply_torch  # noqa: E402
+from monarch_megatron.monarch import monarch_factor_shapes, monarch_multiply_torch  # noqa: E402
 
 TOKENS = 16384
 # (in, out) -> (authors' fwd+bwd ms, dense fwd+bwd ms) from ../shared/device/README.md, one H100.

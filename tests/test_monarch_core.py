@@ -13,12 +13,14 @@ import torch
 
 from monarch_megatron.monarch import (
     MonarchLinear,
+    MonarchOptions,
     monarch_factor_shapes,
     monarch_multiply,
     monarch_to_dense,
     project_to_monarch,
 )
 
+TORCH = MonarchOptions(backend="torch")
 # (in_features, out_features): square, 4x, 1/4x, non-divisible.
 SHAPES = [(32, 32), (16, 64), (64, 16), (30, 50), (50, 30)]
 NBLOCKS = [1, 2, 4, 8]
@@ -57,7 +59,7 @@ def random_factors(in_f: int, out_f: int, b: int, dtype=torch.float64, requires_
 def test_forward_matches_float64_reference(in_f, out_f, nblocks, output_permutation):
     w1, w2 = random_factors(in_f, out_f, nblocks)
     x = torch.randn(3, 5, in_f, dtype=torch.float64)  # two leading batch dims
-    out = monarch_multiply(x, w1, w2, output_permutation, backend="torch")
+    out = monarch_multiply(x, w1, w2, output_permutation, TORCH)
     assert rel_err(out, reference_monarch(x, w1, w2, output_permutation)) < F64_TOL
 
 
@@ -80,7 +82,7 @@ def test_gradcheck_float64(in_f, out_f, nblocks, output_permutation):
     w1, w2 = random_factors(in_f, out_f, nblocks, requires_grad=True)
     x = torch.randn(4, in_f, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: monarch_multiply(a, b, c, output_permutation, backend="torch"), (x, w1, w2)
+        lambda a, b, c: monarch_multiply(a, b, c, output_permutation, TORCH), (x, w1, w2)
     )
 
 
@@ -217,10 +219,27 @@ def test_mismatched_factor_shapes_rejected():
         monarch_multiply(torch.randn(2, 20), torch.randn(4, 4, 4), torch.randn(4, 8, 4))
     with pytest.raises(ValueError, match="backend"):
         monarch_multiply(torch.randn(2, 16), torch.randn(4, 4, 4), torch.randn(4, 8, 4), backend="cuda")
+    with pytest.raises(TypeError, match="options"):
+        monarch_multiply(torch.randn(2, 16), torch.randn(4, 4, 4), torch.randn(4, 8, 4), True, "torch")
 
 
 def test_auto_backend_uses_reference_path_on_cpu():
     from monarch_megatron.monarch import resolve_backend
 
     w1, w2 = random_factors(16, 16, 4, dtype=torch.float32)
-    assert resolve_backend("auto", torch.randn(2, 16), w1, w2) == "torch"
+    assert resolve_backend(MonarchOptions(), torch.randn(2, 16), w1, w2) == "torch"
+
+
+def test_backend_shorthand_and_layer_options_run_the_same_multiply():
+    """``backend=`` is shorthand for ``options=MonarchOptions(backend=...)``; a layer's options
+    reach its multiply and change no result."""
+    w1, w2 = random_factors(30, 50, 4)
+    x = torch.randn(3, 30, dtype=torch.float64)
+    assert torch.equal(monarch_multiply(x, w1, w2, backend="torch"), monarch_multiply(x, w1, w2, True, TORCH))
+    with pytest.raises(TypeError, match="not both"):
+        monarch_multiply(x, w1, w2, True, TORCH, backend="torch")
+    auto = MonarchLinear(30, 50, 4, dtype=torch.float64)
+    torch_layer = MonarchLinear(30, 50, 4, dtype=torch.float64, options=TORCH)
+    torch_layer.load_state_dict(auto.state_dict())
+    assert auto.options is None and torch_layer.options is TORCH
+    assert torch.equal(auto(x), torch_layer(x))

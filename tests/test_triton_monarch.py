@@ -1,12 +1,14 @@
-"""Correctness of the Triton Monarch paths (the fused kernel, and the TMA kernels with cuBLAS for
-the plain products) under the Triton interpreter (CPU).
+"""Correctness of the Triton Monarch paths (the TMA kernels with cuBLAS for the plain products, and
+the experimental fused kernel) under the Triton interpreter (CPU), and the backend policy: the
+``"auto"`` rule, the environment override, the options' role as cache keys, the module layering.
 
 The kernels run in a subprocess with ``TRITON_INTERPRET=1``: Triton decides between compiled and
 interpreted kernels when a kernel module is imported, and other tests in the same pytest process
 may already have imported it without the interpreter. The subprocess draws fresh random inputs,
-runs forward and backward through ``monarch_multiply_triton`` and through an independent float64
-reference written here (explicit loops over blocks, not the library's torch path), and reports the
-relative errors ``||got - ref|| / ||ref||`` of the output and of every gradient.
+runs forward and backward through ``monarch_multiply(..., MonarchOptions(backend="triton"))`` and
+through an independent float64 reference written here (explicit loops over blocks, not the
+library's torch path), and reports the relative errors ``||got - ref|| / ||ref||`` of the output
+and of every gradient.
 
 Tolerances: fp32 inputs use IEEE fp32 dots (errors ~1e-7; bound 1e-5); bf16 inputs and a bf16
 intermediate give errors of a few 1e-3 (bound 2e-2).
@@ -14,6 +16,8 @@ intermediate give errors of a few 1e-3 (bound 2e-2).
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -61,8 +65,7 @@ def reference_monarch(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, perm:
 def _worker() -> None:
     """Run every case (interpreted kernels) and print one JSON line of relative errors."""
     sys.path.insert(0, REPO)
-    from monarch_megatron.monarch import triton_monarch as tm
-    from monarch_megatron.monarch import triton_monarch_tma as tma
+    from monarch_megatron.monarch import KernelOptions, MonarchOptions, monarch_multiply, resolve_backend
 
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs each run
     results = {}
@@ -70,8 +73,7 @@ def _worker() -> None:
         (k, q, p), (l, s, r) = (SHAPES if path == "fused" else TMA_SHAPES)[name]
         # Every other case (the fp32 ones) splits the weight-gradient reductions over two token
         # ranges, so that the in-kernel sum of the split partials (last program per tile) is tested.
-        tm._SPLIT_OVERRIDE = 2 if idx % 2 == 0 else 0
-        tm._PLANS.clear()
+        options = MonarchOptions(backend="triton", kernel=KernelOptions(weight_grad_splits=2 if idx % 2 == 0 else 0))
         n = 20  # two token tiles of 16, the second partial
         x = torch.randn(2, n // 2, k * p, dtype=torch.float64)  # leading batch dims
         w1 = torch.randn(k, q, p, dtype=torch.float64) / p ** 0.5
@@ -83,8 +85,8 @@ def _worker() -> None:
         dt = getattr(torch, dtype)
         ins = [t.to(dt).detach().requires_grad_() for t in (x, w1, w2)]
         # The dispatcher (backend="triton") must pick the path named by the case.
-        assert tma.supports(ins[0], ins[1], ins[2]) == (path == "tma"), (path, name)
-        out = tm.monarch_multiply_triton(*ins, perm)
+        assert resolve_backend(options, *ins, perm) == path, (path, name)
+        out = monarch_multiply(*ins, perm, options)
         out.backward(dy.to(dt))
         pairs = [(out.reshape(n, l * s), ref)] + [(a.grad, b.grad) for a, b in zip(ins, ref_in)]
         errs = [((a.double() - b).norm() / b.norm()).item() for a, b in pairs]
@@ -118,11 +120,11 @@ def test_triton_path_under_autocast_casts_like_a_matmul():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=REPO)
     code = (
         "import torch\n"
-        "from monarch_megatron.monarch.triton_monarch import monarch_multiply_triton\n"
+        "from monarch_megatron.monarch import MonarchOptions, monarch_multiply\n"
         "x = torch.randn(20, 64, requires_grad=True); w1 = torch.randn(4, 16, 16, requires_grad=True)\n"
         "w2 = torch.randn(4, 16, 16, requires_grad=True)\n"
         "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
-        "    y = monarch_multiply_triton(x, w1, w2, True)\n"
+        "    y = monarch_multiply(x, w1, w2, True, MonarchOptions(backend='triton'))\n"
         "y.float().sum().backward()\n"
         "print('DT', y.dtype, x.grad.dtype, w1.grad.dtype, w2.grad.dtype)\n"
     )
@@ -131,44 +133,175 @@ def test_triton_path_under_autocast_casts_like_a_matmul():
     assert "DT torch.bfloat16 torch.float32 torch.float32 torch.float32" in proc.stdout
 
 
-def test_prefers_triton_is_false_on_cpu():
-    from monarch_megatron.monarch.triton_monarch import prefers_triton
-
-    x = torch.randn(8, 64)
-    assert not prefers_triton(x, torch.randn(4, 16, 16), torch.randn(4, 16, 16))
+# -- backend policy (CPU, no interpreter) ------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_in,n_out,nblocks,tokens,expected", [
-    (4096, 16384, 4, 16384, True),  # GPU-bound: 2.1 TFLOP per fwd+bwd, measured 2.8x dense eager
-    (4096, 16384, 4, 4096, False),  # same layer, too little work per call: host-bound
-    (1024, 4096, 4, 16384, False),  # 0.13 TFLOP: host-bound on the measured machine
-    (768, 3072, 4, 1 << 20, False),  # chunks of 48: the TMA tiles lose to the torch path
+@pytest.mark.parametrize("graphed", [False, True])
+def test_auto_takes_the_torch_path_on_cpu(graphed):
+    from monarch_megatron.monarch import MonarchOptions, resolve_backend
+
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    w1, w2 = torch.randn(4, 16, 16, dtype=torch.bfloat16), torch.randn(4, 16, 16, dtype=torch.bfloat16)
+    assert resolve_backend(MonarchOptions(graphed=graphed), x, w1, w2) == "torch"
+
+
+@pytest.mark.parametrize("n_in,n_out,nblocks,tokens,eager,graphed", [
+    (4096, 16384, 4, 16384, True, True),  # GPU-bound: 2.1 TFLOP per fwd+bwd, measured 2.8x dense eager
+    (4096, 16384, 4, 4096, False, True),  # same layer, too little work per call to run eagerly
+    (1024, 4096, 4, 16384, False, True),  # 0.13 TFLOP: host-bound eagerly; 1.91x dense in GPU time
+    (1024, 1024, 4, 16384, False, True),  # GPU time 0.198 vs torch 0.272 ms (RESULTS, v5)
+    (768, 3072, 4, 1 << 20, False, False),  # chunks of 48: the TMA tiles lose to the torch path
+    (128, 512, 4, 1 << 20, False, False),  # blocks p = 32, not a multiple of 64
 ])
-def test_auto_takes_the_tma_path_only_for_gpu_bound_calls_with_full_tiles(n_in, n_out, nblocks, tokens, expected):
+def test_auto_rule_for_the_tma_path_eager_by_work_graphed_by_shape(n_in, n_out, nblocks, tokens, eager, graphed):
+    """A pure function of shapes: eagerly the TMA path only where the call is GPU-bound; under CUDA
+    graphs (host cost free) wherever its tiles are full, since in GPU time it beat or tied the
+    torch path at every such shape."""
+    from monarch_megatron.monarch.backends import tma_pays_off
     from monarch_megatron.monarch.shapes import monarch_factor_shapes
-    from monarch_megatron.monarch.triton_monarch import tma_pays_off
 
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
-    assert tma_pays_off(tokens, sh.w1_shape, sh.w2_shape) is expected
+    assert tma_pays_off(tokens, sh.w1_shape, sh.w2_shape) is eager
+    assert tma_pays_off(tokens, sh.w1_shape, sh.w2_shape, graphed=False) is eager
+    assert tma_pays_off(tokens, sh.w1_shape, sh.w2_shape, graphed=True) is graphed
 
 
 def test_tma_path_is_refused_off_hopper_and_for_unsupported_shapes():
+    from monarch_megatron.monarch import MonarchOptions, resolve_backend
     from monarch_megatron.monarch.triton_monarch_tma import supports
 
     w1, w2 = torch.randn(4, 64, 16), torch.randn(4, 32, 64)
-    assert not supports(torch.randn(8, 64, dtype=torch.bfloat16), w1, w2)  # CPU tensor, not interpreted
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    assert not supports(x, w1, w2)  # CPU tensor, not interpreted
     assert not supports(torch.randn(8, 64), w1, w2, torch.float32)
+    with pytest.raises(ValueError, match="backend='tma' cannot run"):
+        resolve_backend(MonarchOptions(backend="tma"), x, w1.bfloat16(), w2.bfloat16())
 
 
-def test_backend_environment_variable_overrides_auto_and_rejects_unknown_names(monkeypatch):
-    from monarch_megatron.monarch.multiply import BACKEND_ENV, resolve_backend
+def test_environment_override_is_read_by_from_env_only(monkeypatch):
+    from monarch_megatron.monarch import BACKEND_ENV, MonarchOptions, monarch_multiply
+    from monarch_megatron.monarch.options import default_options
 
-    x, w1, w2 = torch.randn(8, 64), torch.randn(4, 16, 16), torch.randn(4, 16, 16)
-    monkeypatch.setenv(BACKEND_ENV, "torch")
-    assert resolve_backend("auto", x, w1, w2) == "torch"
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert MonarchOptions.from_env() == MonarchOptions()
+    for name in ("torch", "triton", "tma", "fused", "auto"):
+        monkeypatch.setenv(BACKEND_ENV, name)
+        assert MonarchOptions.from_env().backend == name
+        graphed = MonarchOptions.from_env(MonarchOptions(graphed=True))
+        assert graphed == MonarchOptions(backend=name, graphed=True)  # the rest of base is kept
+    assert MonarchOptions.from_env(MonarchOptions(backend="torch")).backend == "torch"  # explicit wins
+    default_options.cache_clear()
+    try:
+        assert default_options().backend == "auto"  # read once: later changes of the variable ...
+        monkeypatch.setenv(BACKEND_ENV, "torch")
+        assert default_options().backend == "auto"  # ... do not reach a running process
+    finally:
+        default_options.cache_clear()
     monkeypatch.setenv(BACKEND_ENV, "cuda")
     with pytest.raises(ValueError, match=BACKEND_ENV):
-        resolve_backend("auto", x, w1, w2)
+        MonarchOptions.from_env()
+    # A call with explicit options never reads the variable (here it would raise).
+    x, w1, w2 = torch.randn(8, 64), torch.randn(4, 16, 16), torch.randn(4, 16, 16)
+    monarch_multiply(x, w1, w2, True, MonarchOptions(backend="torch"))
+
+
+def test_options_are_frozen_hashable_and_validated():
+    from monarch_megatron.monarch import KernelOptions, MonarchOptions
+
+    a = MonarchOptions(kernel=KernelOptions(tma_tile_overrides={"dx": [128, 128, 64, 4, 4],
+                                                                "s1": (128, 2, 64, 64, 8, 3)}))
+    b = MonarchOptions(kernel=KernelOptions(tma_tile_overrides=(("s1", (128, 2, 64, 64, 8, 3)),
+                                                                ("dx", (128, 128, 64, 4, 4)))))
+    assert a == b and hash(a) == hash(b)  # overrides stored as sorted tuples: one cache entry
+    assert a.kernel.tma_tile_overrides == (("dx", (128, 128, 64, 4, 4)), ("s1", (128, 2, 64, 64, 8, 3)))
+    assert len({MonarchOptions(), MonarchOptions(graphed=True), a}) == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.backend = "torch"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.kernel.tma_paper_kernel = False
+    with pytest.raises(ValueError, match="backend"):
+        MonarchOptions(backend="cuda")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        KernelOptions(tma_tile_overrides={"s2": (1,)})
+    with pytest.raises(ValueError, match="weight_grad_splits"):
+        KernelOptions(weight_grad_splits=-1)
+
+
+def test_kernel_options_key_every_cached_plan():
+    """Two option sets never share a cached launch plan (fused) or tile choice (TMA)."""
+    from monarch_megatron.monarch import KernelOptions
+    from monarch_megatron.monarch import triton_monarch_tma as tma
+    from monarch_megatron.monarch.experimental import fused
+
+    w1, w2 = torch.randn(4, 64, 64), torch.randn(4, 64, 64)
+    need = (True, True, True)
+    base, split, unmerged = KernelOptions(), KernelOptions(weight_grad_splits=2), KernelOptions(
+        fused_merged_launches=False)
+    plan = fused._get_plan(w1, w2, 4096, torch.bfloat16, False, need, base)
+    assert fused._get_plan(w1, w2, 4096, torch.bfloat16, False, need, KernelOptions()) is plan
+    assert fused._get_plan(w1, w2, 4096, torch.bfloat16, False, need, split) is not plan
+    assert isinstance(plan.b1.parts, fused._Fallback)  # merged launch, split only if it fails to compile
+    assert type(fused._get_plan(w1, w2, 4096, torch.bfloat16, False, need, unmerged).b1.parts) is list
+
+    tile = (64, 128, 64, 4, 4)
+    swept = KernelOptions(tma_tile_overrides={"dx": tile})
+    assert tma._tiles(4, 256, 256, 4, swept)["dx"] == tile
+    assert tma._tiles(4, 256, 256, 4, base)["dx"] != tile
+    assert tma._tiles(4, 256, 256, 4, base)["s1"] == tma._tiles(4, 256, 256, 4, swept)["s1"]
+
+
+def _monarch_imports(path: str, package: str, modules: set[str]) -> set[str]:
+    """Modules of the package (dotted, relative to it) that the file at ``path`` imports anywhere,
+    lazy imports inside functions included."""
+    tree = ast.parse(open(path).read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([p for p in parts if p] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            # ``from . import a, b``: the submodules a and b where they are modules, else the package.
+            named = {f"{base}.{alias.name}" for alias in node.names} & modules
+            found |= named or ({base} & modules)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names} & modules
+    return found
+
+
+def test_monarch_module_imports_are_acyclic():
+    """No module of monarch_megatron.monarch imports (directly or through others) one that imports
+    it: the paths know nothing of the dispatcher, the dispatcher imports the paths."""
+    root = os.path.join(REPO, "monarch_megatron", "monarch")
+    files = {}
+    for folder, _, names in os.walk(root):
+        for fn in names:
+            if fn.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, fn), REPO)[:-3].replace(os.sep, ".")
+                files[rel[: -len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(folder, fn)
+    modules = set(files)
+    graph = {}
+    for mod, path in files.items():
+        package = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
+        graph[mod] = _monarch_imports(path, package, modules) - {mod}
+    assert "monarch_megatron.monarch.triton_monarch_tma" in graph["monarch_megatron.monarch.backends"]
+    assert "monarch_megatron.monarch.stages" in graph["monarch_megatron.monarch.triton_monarch_tma"]
+
+    state = {}
+
+    def visit(mod, trail):
+        state[mod] = "open"
+        for dep in sorted(graph[mod]):
+            if state.get(dep) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(trail + [mod, dep]))
+            if dep not in state:
+                visit(dep, trail + [mod])
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [])
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .multiply import monarch_multiply_torch
 from .shapes import check_factors, monarch_factor_shapes
+from .torch_path import monarch_multiply_torch
 
 
 def monarch_to_dense(

@@ -9,7 +9,8 @@ from torch import nn
 
 from .dense import monarch_to_dense, project_to_monarch
 from .init import init_monarch_
-from .multiply import BACKENDS, monarch_multiply
+from .multiply import monarch_multiply
+from .options import MonarchOptions
 from .shapes import monarch_factor_shapes
 
 
@@ -18,6 +19,8 @@ class MonarchLinear(nn.Module):
 
     Parameters ``blkdiag1: (k, q, p)``, ``blkdiag2: (l, s, r)`` (shapes in ../shared/DESIGN.md) and
     ``bias: (out_features,)``. Inputs are zero-padded to ``k*p`` and outputs cut to ``out_features``.
+    ``options`` choose how the multiply runs (:class:`.options.MonarchOptions`; ``None``: the run's
+    defaults); they change no result beyond rounding.
     """
 
     def __init__(
@@ -29,17 +32,17 @@ class MonarchLinear(nn.Module):
         output_permutation: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        backend: str = "auto",
+        options: MonarchOptions | None = None,
     ) -> None:
         super().__init__()
         self.shape = monarch_factor_shapes(in_features, out_features, nblocks)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+        if options is not None and not isinstance(options, MonarchOptions):
+            raise TypeError(f"options must be a MonarchOptions or None, got {type(options).__name__}")
         self.in_features = in_features
         self.out_features = out_features
         self.nblocks = nblocks
         self.output_permutation = output_permutation
-        self.backend = backend
+        self.options = options
         factory = {"device": device, "dtype": dtype}
         self.blkdiag1 = nn.Parameter(torch.empty(self.shape.w1_shape, **factory))
         self.blkdiag2 = nn.Parameter(torch.empty(self.shape.w2_shape, **factory))
@@ -57,7 +60,7 @@ class MonarchLinear(nn.Module):
         """``x: (..., in_features)`` -> ``(..., out_features)``."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got shape {tuple(x.shape)}")
-        out = monarch_multiply(x, self.blkdiag1, self.blkdiag2, self.output_permutation, self.backend)
+        out = monarch_multiply(x, self.blkdiag1, self.blkdiag2, self.output_permutation, self.options)
         out = out[..., : self.out_features]
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
@@ -76,13 +79,14 @@ class MonarchLinear(nn.Module):
         bias: torch.Tensor | None = None,
         nblocks: int = 4,
         output_permutation: bool = True,
+        options: MonarchOptions | None = None,
     ) -> "MonarchLinear":
         """The optimal Monarch projection of a dense ``weight: (out, in)`` (and ``bias: (out,)``)."""
         w1, w2 = project_to_monarch(weight, nblocks, output_permutation)
         out_features, in_features = weight.shape
         layer = cls(
             in_features, out_features, nblocks, bias=bias is not None,
-            output_permutation=output_permutation, device=weight.device, dtype=weight.dtype,
+            output_permutation=output_permutation, device=weight.device, dtype=weight.dtype, options=options,
         )
         layer.blkdiag1.copy_(w1)
         layer.blkdiag2.copy_(w2)

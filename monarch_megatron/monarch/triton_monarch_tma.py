@@ -1,6 +1,6 @@
 """Monarch multiply for Hopper: TMA Triton kernels where the permutation is, cuBLAS for the rest.
 
-Semantics are those of :func:`monarch_multiply_torch` (../shared/DESIGN.md): ``x: (n, k*p)``,
+Semantics are those of :func:`.torch_path.monarch_multiply_torch` (../shared/DESIGN.md): ``x: (n, k*p)``,
 ``w1: (k, q, p)``, ``w2: (l, s, r)``, output ``(n, l*s)``. Requires ``q % l == 0``; ``ch = q / l``.
 
 Why this split (benchmarks/KERNEL_NOTES.md, v5). On an H100 the second stage, ``dv`` and ``dw2``
@@ -18,51 +18,29 @@ channels through TMA descriptors, so the intermediate is never copied. The rows 
 - ``dx_i = du_i @ w1[i]`` with the reduction taken in the order ``(j, m)``: ``du_i`` is read from
   ``dv`` (the ``v`` layout, one contiguous run per K step) against the rows of ``w1p[i]``;
 - ``dw1[i][m*l + j, :] = sum_n dv[n, j, i*ch + m] x_i[n, :]``, split over token ranges and finished
-  in the kernel (:func:`.triton_monarch_kernels._reduce_store`), written in ``w1``'s row order.
+  in the kernel (:func:`.triton_common.reduce_store`), written in ``w1``'s row order.
 
-Both output orders: the paper order permutes ``y`` / ``dy`` with one copy each, as the torch path.
+Both output orders: the paper order permutes ``y`` / ``dy`` with one copy each, as the torch path
+(the forward's copy is avoided by an interleaving kernel where ``l == 4`` and ``r <= 256``).
+Experiment knobs come in a :class:`.options.KernelOptions`, which keys every cached tile choice.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .multiply import second_stage, second_stage_grads
-from .triton_monarch_kernels import _reduce_store
+from .options import KernelOptions
+from .stages import second_stage, second_stage_grads
+from .triton_common import INTERPRET, dot, pow2_dividing, reduce_store, split_workspace, tile_coords, token_splits
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # Triton without host-side tensor descriptors
     TensorDescriptor = None
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# dw1 through l cuBLAS products and a copy of the weight gradient instead of the Triton kernel
-# (benchmark experiment; see benchmarks/KERNEL_NOTES.md v5).
-DW1_CUBLAS = False
-# The paper order's second stage through the interleaving kernel (l == 4, r <= 256) instead of
-# cuBLAS + a copy of y.
-PAPER_KERNEL = True
-# Tile overrides per kernel ("s1", "dx", "dw1"; tuples as in _tiles), for the benchmark's tile sweeps.
-TILE_OVERRIDE: dict = {}
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:  # fp32 IEEE; the interpreter's half-precision dot is wrong
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _tile_coords(tile, G, n_nt):
-    """(group, column tile, token tile) of a persistent tile index, group fastest."""
-    return tile % G, (tile // G) % n_nt, tile // (G * n_nt)
 
 
 @triton.jit
@@ -78,14 +56,14 @@ def _stage_one_kernel(x_desc, w_desc, v_desc, N, P, Q, G, CH, BM: tl.constexpr, 
     n_tiles = tl.cdiv(N, BM) * n_nt * G
     tile_c = start - NUM_SMS
     for tile in tl.range(start, n_tiles, NUM_SMS, flatten=True):
-        g, nt, mt = _tile_coords(tile, G, n_nt)
+        g, nt, mt = tile_coords(tile, G, n_nt)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, P, BK):
             a = x_desc.load([mt * BM, g * P + k0])
             b = w_desc.load([g * Q + nt * BN, k0])
-            acc = _dot(a, b.T, acc, IEEE)
+            acc = dot(a, b.T, acc, IEEE)
         tile_c += NUM_SMS
-        gc, ntc, mtc = _tile_coords(tile_c, G, n_nt)
+        gc, ntc, mtc = tile_coords(tile_c, G, n_nt)
         c0 = ntc * BN
         v_desc.store([mtc * BM, c0 // CH, gc, c0 % CH], tl.reshape(acc.to(v_desc.dtype), (BM, JB, 1, MB)))
 
@@ -109,10 +87,10 @@ def _stage_two_paper_kernel(v_desc, w_desc, y_desc, N, S, R, BM: tl.constexpr, B
         acc2 = tl.zeros((BM, BA), dtype=tl.float32)
         acc3 = tl.zeros((BM, BA), dtype=tl.float32)
         for k0 in range(0, R, BK):
-            acc0 = _dot(v_desc.load([mt * BM, k0]), w_desc.load([at * BA, k0]).T, acc0, IEEE)
-            acc1 = _dot(v_desc.load([mt * BM, R + k0]), w_desc.load([S + at * BA, k0]).T, acc1, IEEE)
-            acc2 = _dot(v_desc.load([mt * BM, 2 * R + k0]), w_desc.load([2 * S + at * BA, k0]).T, acc2, IEEE)
-            acc3 = _dot(v_desc.load([mt * BM, 3 * R + k0]), w_desc.load([3 * S + at * BA, k0]).T, acc3, IEEE)
+            acc0 = dot(v_desc.load([mt * BM, k0]), w_desc.load([at * BA, k0]).T, acc0, IEEE)
+            acc1 = dot(v_desc.load([mt * BM, R + k0]), w_desc.load([S + at * BA, k0]).T, acc1, IEEE)
+            acc2 = dot(v_desc.load([mt * BM, 2 * R + k0]), w_desc.load([2 * S + at * BA, k0]).T, acc2, IEEE)
+            acc3 = dot(v_desc.load([mt * BM, 3 * R + k0]), w_desc.load([3 * S + at * BA, k0]).T, acc3, IEEE)
         tile_c += NUM_SMS
         # join(join(a0, a2), join(a1, a3))[m, a, i, d] is block 2*i + d: column a*4 + j after reshape.
         out = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3))
@@ -130,16 +108,16 @@ def _dx_kernel(dv_desc, w_desc, dx_desc, N, P, Q, G, L: tl.constexpr, CH, BM: tl
     n_tiles = tl.cdiv(N, BM) * n_nt * G
     tile_c = start - NUM_SMS
     for tile in tl.range(start, n_tiles, NUM_SMS, flatten=True):
-        g, nt, mt = _tile_coords(tile, G, n_nt)
+        g, nt, mt = tile_coords(tile, G, n_nt)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, L * CH, BK):
             j = k0 // CH
             m0 = k0 % CH
             a = dv_desc.load([mt * BM, (j * G + g) * CH + m0])
             b = w_desc.load([g * Q + k0, nt * BN])
-            acc = _dot(a, b, acc, IEEE)
+            acc = dot(a, b, acc, IEEE)
         tile_c += NUM_SMS
-        gc, ntc, mtc = _tile_coords(tile_c, G, n_nt)
+        gc, ntc, mtc = tile_coords(tile_c, G, n_nt)
         dx_desc.store([mtc * BM, gc * P + ntc * BN], acc.to(dx_desc.dtype))
 
 
@@ -170,7 +148,7 @@ def _dw1_kernel(dv_desc, x_desc, d_ptr, ws_ptr, cnt_ptr, N, P, Q, G, L: tl.const
         for n0 in range(n_start, n_end, BKN):
             pt = dv_desc.load([n0, (j * G + g) * CH + at * BA])
             qv = x_desc.load([n0, g * P + tt * BT])
-            acc = _dot(qv.T, pt, acc, IEEE)
+            acc = dot(qv.T, pt, acc, IEEE)
         d_off = (g * Q + ra * L + j).to(tl.int64)[None, :] * P + rt[:, None]
         loc = tl.arange(0, BT)[:, None] * BA + tl.arange(0, BA)[None, :]
         d_mask = (ra < CH)[None, :] & (rt < P)[:, None]
@@ -179,18 +157,11 @@ def _dw1_kernel(dv_desc, x_desc, d_ptr, ws_ptr, cnt_ptr, N, P, Q, G, L: tl.const
         for n0 in range(n_start, n_end, BKN):
             pt = dv_desc.load([n0, (j * G + g) * CH + at * BA])
             qv = x_desc.load([n0, g * P + tt * BT])
-            acc = _dot(pt.T, qv, acc, IEEE)
+            acc = dot(pt.T, qv, acc, IEEE)
         d_off = (g * Q + ra * L + j).to(tl.int64)[:, None] * P + rt[None, :]
         loc = tl.arange(0, BA)[:, None] * BT + tl.arange(0, BT)[None, :]
         d_mask = (ra < CH)[:, None] & (rt < P)[None, :]
-    _reduce_store(acc, d_ptr, d_off, d_mask, loc, ws_ptr, cnt_ptr, tile, sp, n_wtiles, n_split, BA * BT, SPLIT1)
-
-
-def _pow2_dividing(x: int, cap: int) -> int:
-    v = 1
-    while v * 2 <= cap and x % (v * 2) == 0:
-        v *= 2
-    return v
+    reduce_store(acc, d_ptr, d_off, d_mask, loc, ws_ptr, cnt_ptr, tile, sp, n_wtiles, n_split, BA * BT, SPLIT1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,7 +180,7 @@ def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.d
     k, q, p = w1.shape
     l, s, r = w2.shape
     dtype = dtype or x.dtype
-    if _INTERPRET:
+    if INTERPRET:
         dtype_ok = dtype in (torch.float32, torch.bfloat16, torch.float16)
     else:
         dtype_ok = x.is_cuda and _is_hopper_or_newer(x.device.index) and dtype in (torch.bfloat16, torch.float16)
@@ -218,33 +189,39 @@ def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dtype: torch.d
 
 
 @functools.lru_cache(maxsize=None)
-def _tiles(k: int, q: int, p: int, l: int) -> dict:
+def _tiles(k: int, q: int, p: int, l: int, kernel: KernelOptions) -> dict:
+    """Tiles of ``"s1"``, ``"dx"`` and ``"dw1"`` for ``w1: (k, q, p)`` and ``l`` second-stage
+    blocks: the measured choice (:func:`_default_tiles`) with ``kernel.tma_tile_overrides`` applied;
+    cached per shape and options, so an override never leaks into another option set's launches."""
+    tiles = _default_tiles(k, q, p, l)
+    tiles.update(kernel.tma_tile_overrides)
+    return tiles
+
+
+def _default_tiles(k: int, q: int, p: int, l: int) -> dict:
     """Tile sizes per kernel on an H100 (benchmarks/grouped_gemm_probe.py and ``monarch_layer.py
     --tile-sweep``: 128x256x64, 8 warps, 3 stages unless a sweep found better); 16 when interpreted."""
     ch = q // l
     # Stage one: chunks of MB channels (a power of two dividing ch); JB whole chunks per tile when
     # ch itself is a power of two, up to 256 columns (one box store either way).
-    mb = _pow2_dividing(ch, 16 if _INTERPRET else 256)
-    jb = min(l, (32 if _INTERPRET else 256) // mb) if mb == ch else 1
-    if _INTERPRET:
-        return dict(s1=(16, jb, mb, 16, 1, 1), dx=(16, 16, 16, 1, 1), dw1=(16, 16, 16, 1, 1, ch <= 16),
-                    sms=_sm_count())
+    mb = pow2_dividing(ch, 16 if INTERPRET else 256)
+    jb = min(l, (32 if INTERPRET else 256) // mb) if mb == ch else 1
+    if INTERPRET:
+        return dict(s1=(16, jb, mb, 16, 1, 1), dx=(16, 16, 16, 1, 1), dw1=(16, 16, 16, 1, 1, ch <= 16))
     if mb == ch <= 64:  # tile sweep (--tile-sweep): 128 columns and K steps of 128 win here
-        s1 = (128, min(l, 128 // ch), ch, _pow2_dividing(p, 128), 8, 3)
+        s1 = (128, min(l, 128 // ch), ch, pow2_dividing(p, 128), 8, 3)
     else:
-        s1 = (128, jb, mb, _pow2_dividing(p, 64), 8 if jb * mb >= 128 else 4, 3)
+        s1 = (128, jb, mb, pow2_dividing(p, 64), 8 if jb * mb >= 128 else 4, 3)
     # dx: 128x128 tiles, 4 warps, 4 stages for long rows with short chunks (4096->1024: 0.083 vs 0.090).
-    dx = ((128, 128, _pow2_dividing(ch, 64), 4, 4) if ch <= 64 and p >= 1024 and p % 128 == 0
-          else (128, _pow2_dividing(p, 256), _pow2_dividing(ch, 64), 8, 3))
-    return dict(s1=s1, dx=dx,
-                dw1=_dw1_tiles(ch, p),
-                sms=_sm_count())
+    dx = ((128, 128, pow2_dividing(ch, 64), 4, 4) if ch <= 64 and p >= 1024 and p % 128 == 0
+          else (128, pow2_dividing(p, 256), pow2_dividing(ch, 64), 8, 3))
+    return dict(s1=s1, dx=dx, dw1=_dw1_tiles(ch, p))
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count() -> int:
     """Programs of the persistent kernels: one per SM (4 when interpreted)."""
-    return 4 if _INTERPRET else torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 4 if INTERPRET else torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def _dw1_tiles(ch: int, p: int) -> tuple:
@@ -252,12 +229,12 @@ def _dw1_tiles(ch: int, p: int) -> tuple:
     (``monarch_layer.py --tile-sweep``): chunks of <= 64 channels take transposed 64x128 tiles
     (1024-wide layers: 0.037 vs 0.064 ms with 64x256), larger chunks 128x256 (4096->16384: 0.211 ms)."""
     if ch <= 64:
-        return (_pow2_dividing(ch, 64), _pow2_dividing(p, 128), 64, 8, 3, True)
-    return (_pow2_dividing(ch, 128), _pow2_dividing(p, 256), 64, 8, 3, False)
+        return (pow2_dividing(ch, 64), pow2_dividing(p, 128), 64, 8, 3, True)
+    return (pow2_dividing(ch, 128), pow2_dividing(p, 256), 64, 8, 3, False)
 
 
 def _ieee(dtype: torch.dtype) -> bool:
-    return _INTERPRET or dtype == torch.float32
+    return INTERPRET or dtype == torch.float32
 
 
 def chunk_rows(w1: torch.Tensor, l: int) -> torch.Tensor:
@@ -268,14 +245,14 @@ def chunk_rows(w1: torch.Tensor, l: int) -> torch.Tensor:
     return w1.view(k, q // l, l, p).transpose(1, 2).reshape(k, q, p)
 
 
-def stage_one(x2: torch.Tensor, w1p: torch.Tensor, l: int) -> torch.Tensor:
+def stage_one(x2: torch.Tensor, w1p: torch.Tensor, l: int,
+              kernel: KernelOptions = KernelOptions()) -> torch.Tensor:
     """``v: (n, l, r)`` (the second stage's input) from ``x2: (n, k*p)`` and ``w1p: (k, q, p)``
     (:func:`chunk_rows` of ``w1``)."""
     k, q, p = w1p.shape
     n, ch = x2.shape[0], q // l
-    t = _tiles(k, q, p, l)
-    BM, JB, MB, BK, warps, stages = TILE_OVERRIDE.get("s1", t["s1"])
-    sms = t["sms"]
+    BM, JB, MB, BK, warps, stages = _tiles(k, q, p, l, kernel)["s1"]
+    sms = _sm_count()
     v = x2.new_empty(n, l, k * ch)
     x_desc = TensorDescriptor.from_tensor(x2, [BM, BK])
     w_desc = TensorDescriptor.from_tensor(w1p.view(k * q, p), [JB * MB, BK])
@@ -291,8 +268,8 @@ def stage_two_paper(v: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     ``s`` a multiple of 16); the output permutation costs no pass of its own."""
     l, s, r = w2.shape
     n = v.shape[0]
-    BA = _pow2_dividing(s, 16 if _INTERPRET else 64)
-    BM, BK, warps, stages = (16, 16, 1, 1) if _INTERPRET else (64, _pow2_dividing(r, 64), 4, 2)
+    BA = pow2_dividing(s, 16 if INTERPRET else 64)
+    BM, BK, warps, stages = (16, 16, 1, 1) if INTERPRET else (64, pow2_dividing(r, 64), 4, 2)
     sms = _sm_count()
     y = v.new_empty(n, s * l)
     v_desc = TensorDescriptor.from_tensor(v.view(n, l * r), [BM, BK])
@@ -304,33 +281,31 @@ def stage_two_paper(v: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def input_grad(dv: torch.Tensor, w1p: torch.Tensor) -> torch.Tensor:
+def input_grad(dv: torch.Tensor, w1p: torch.Tensor, kernel: KernelOptions = KernelOptions()) -> torch.Tensor:
     """``dx: (n, k*p)`` from ``dv: (n, l, r)`` (gradient of ``v``) and ``w1p: (k, q, p)``
     (:func:`chunk_rows` of ``w1``)."""
     k, q, p = w1p.shape
     n, l = dv.shape[0], dv.shape[1]
     ch = q // l
-    t = _tiles(k, q, p, l)
-    BM, BN, BK, warps, stages = TILE_OVERRIDE.get("dx", t["dx"])
+    BM, BN, BK, warps, stages = _tiles(k, q, p, l, kernel)["dx"]
+    sms = _sm_count()
     dx = dv.new_empty(n, k * p)
     dv_desc = TensorDescriptor.from_tensor(dv.view(n, l * k * ch), [BM, BK])
     w_desc = TensorDescriptor.from_tensor(w1p.view(k * q, p), [BK, BN])
     dx_desc = TensorDescriptor.from_tensor(dx, [BM, BN])
     tiles = triton.cdiv(n, BM) * (p // BN) * k
-    _dx_kernel[(min(t["sms"], tiles),)](dv_desc, w_desc, dx_desc, n, p, q, k, L=l, CH=ch, BM=BM, BN=BN, BK=BK,
-                                        NUM_SMS=t["sms"], IEEE=_ieee(dv.dtype), num_warps=warps,
-                                        num_stages=stages)
+    _dx_kernel[(min(sms, tiles),)](dv_desc, w_desc, dx_desc, n, p, q, k, L=l, CH=ch, BM=BM, BN=BN, BK=BK,
+                                   NUM_SMS=sms, IEEE=_ieee(dv.dtype), num_warps=warps, num_stages=stages)
     return dx
 
 
-def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size) -> torch.Tensor:
+def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size,
+                    kernel: KernelOptions = KernelOptions()) -> torch.Tensor:
     """``dw1: (k, q, p)`` from ``dv: (n, l, r)`` and ``x2: (n, k*p)``, reduced over tokens."""
-    from .triton_monarch import _SPLIT_OVERRIDE, _buffers
-
     k, q, p = w1_shape
     n, l = dv.shape[0], dv.shape[1]
     ch = q // l
-    if DW1_CUBLAS:
+    if kernel.tma_dw1_cublas:
         # Rows in the order (j, m): one batched product per j (chunk j of every block is a uniform
         # stride ch apart), then the (small) weight gradient is permuted to rows m*l + j.
         dwp = dv.new_empty(k, l, ch, p)
@@ -339,13 +314,10 @@ def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size) ->
         for j in range(l):
             torch.bmm(dvv[:, j].permute(1, 2, 0), xv, out=dwp[:, j])
         return dwp.transpose(1, 2).reshape(k, q, p)
-    BA, BT, BKN, warps, stages, trans = TILE_OVERRIDE.get("dw1", _tiles(k, q, p, l)["dw1"])
+    BA, BT, BKN, warps, stages, trans = _tiles(k, q, p, l, kernel)["dw1"]
     tiles = k * l * (ch // BA) * (p // BT)
-    # About two waves of 132 SMs, each program reducing >= 1024 tokens (as the fused kernel's split).
-    split = _SPLIT_OVERRIDE or (1 if _INTERPRET else max(1, min(264 // tiles, triton.cdiv(n, 1024))))
-    tps = triton.cdiv(triton.cdiv(n, split), BKN) * BKN
-    split = triton.cdiv(n, tps)
-    ws, cnt, _ = _buffers(dv.device, split * tiles * BA * BT if split > 1 else 0, tiles if split > 1 else 0)
+    split, tps = token_splits(n, tiles, BKN, kernel.weight_grad_splits)
+    ws, cnt, _ = split_workspace(dv.device, split * tiles * BA * BT if split > 1 else 0, tiles if split > 1 else 0)
     dw1 = dv.new_empty(k, q, p)
     dv_desc = TensorDescriptor.from_tensor(dv.view(n, l * k * ch), [BKN, BA])
     x_desc = TensorDescriptor.from_tensor(x2, [BKN, BT])
@@ -357,16 +329,18 @@ def weight_grad_one(dv: torch.Tensor, x2: torch.Tensor, w1_shape: torch.Size) ->
 
 class _MonarchTMA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool):
+    def forward(ctx, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool,
+                kernel: KernelOptions):
         w1p = chunk_rows(w1, w2.shape[0])
-        v = stage_one(x2, w1p, w2.shape[0])
+        v = stage_one(x2, w1p, w2.shape[0], kernel)
         ctx.save_for_backward(x2, w1p, w2, v)
         ctx.output_permutation = output_permutation
+        ctx.kernel = kernel
         l, s, r = w2.shape
         # The interleaving kernel wins where the second stage is bound by writing y (r <= 256:
         # 1024->4096 0.62 vs 0.68 ms fwd+bwd) and loses where it is bound by its FLOPs (4096->16384,
         # r = 1024: 5.9 vs 4.6 ms, cuBLAS is faster there): KERNEL_NOTES v5g.
-        if output_permutation and PAPER_KERNEL and l == 4 and s % 16 == 0 and r <= 256:
+        if output_permutation and kernel.tma_paper_kernel and l == 4 and s % 16 == 0 and r <= 256:
             return stage_two_paper(v, w2)
         return second_stage(v, w2, output_permutation)
 
@@ -375,20 +349,20 @@ class _MonarchTMA(torch.autograd.Function):
         x2, w1p, w2, v = ctx.saved_tensors
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
         dw2, dv = second_stage_grads(grad_out, v, w2, ctx.output_permutation, need_w2, need_x or need_w1)
-        dx = input_grad(dv, w1p) if need_x else None
-        dw1 = weight_grad_one(dv, x2, w1p.shape) if need_w1 else None
-        return dx, dw1, dw2, None
+        dx = input_grad(dv, w1p, ctx.kernel) if need_x else None
+        dw1 = weight_grad_one(dv, x2, w1p.shape, ctx.kernel) if need_w1 else None
+        return dx, dw1, dw2, None, None
 
 
-def monarch_multiply_tma(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                         output_permutation: bool = True) -> torch.Tensor:
+def monarch_multiply_tma(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool = True,
+                         kernel: KernelOptions = KernelOptions()) -> torch.Tensor:
     """Monarch multiply through the TMA kernels and cuBLAS, with autograd (operands of one dtype;
     :func:`supports` must hold). ``x: (..., k*p)``, ``w1: (k, q, p)``, ``w2: (l, s, r)``;
-    returns ``(..., l*s)``."""
+    returns ``(..., l*s)``. ``kernel``: the ``tma_*`` knobs and ``weight_grad_splits``."""
     k, _, p = w1.shape
     l, s, _ = w2.shape
     x2 = x.reshape(-1, k * p)
     if x2.stride(1) != 1 or x2.stride(0) != k * p or x2.data_ptr() % 16:
         x2 = x2.contiguous()
-    out = _MonarchTMA.apply(x2, w1.contiguous(), w2.contiguous(), bool(output_permutation))
+    out = _MonarchTMA.apply(x2, w1.contiguous(), w2.contiguous(), bool(output_permutation), kernel)
     return out.view(*x.shape[:-1], l * s)

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused Monarch multiply (host side: :mod:`.triton_monarch`).
+"""Triton kernels of the experimental fused Monarch multiply (host side: :mod:`.fused`).
 
 One kernel, :func:`monarch_kernel`, with up to two roles in one launch (programs ``< n_gemm`` take
 the first, the rest the second), so that two independent products of the backward share a launch:
@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..triton_common import dot, reduce_store
+
 
 @triton.jit
 def _cols(t0, rt, g, CH: tl.constexpr, SCH: tl.constexpr, JS: tl.constexpr, FAST: tl.constexpr):
@@ -42,15 +44,6 @@ def _brow(t, PCH: tl.constexpr, PL: tl.constexpr):
         return t
     else:
         return (t % PCH) * PL + t // PCH
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    if IEEE:
-        # fp32 without tf32; also the interpreter's path (its half-precision dot is wrong).
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -83,7 +76,7 @@ def _gemm_tile(pid, a_ptr, b_ptr, c_ptr, N, K, NC, G, stride_am, stride_cm, stri
             k_mask = kk < K
             a = tl.load(a_rows + a_cols[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = _dot(a, b, acc, IEEE)
+        acc = dot(a, b, acc, IEEE)
     c_cols = _cols(ct * BN, tl.arange(0, BN), g, C_CH, C_SCH, C_JS, C_FAST)
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + c_cols[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -121,7 +114,7 @@ def _inter_tile(pid, a_ptr, b_ptr, c_ptr, N, K, NC, stride_am, stride_cm, stride
             a_cols = _cols(k0, rk[None, None, :], lj[:, None, None], V_CH, V_SCH, V_JS, V_FAST)
             a = tl.load(a_ptr + rows[None, :, None] * stride_am + a_cols, mask=m_mask[None, :, None], other=0.0)
         b = tl.load(b_base + (k0 + rk)[None, :, None] * stride_bk)
-        acc = _dot(a, b, acc, IEEE)
+        acc = dot(a, b, acc, IEEE)
     out = acc.to(c_ptr.dtype.element_ty)
     if A_INTER:
         c_cols = _cols(ct * BN, tl.arange(0, BN)[None, None, :], lj[:, None, None], V_CH, V_SCH, V_JS, V_FAST)
@@ -130,26 +123,6 @@ def _inter_tile(pid, a_ptr, b_ptr, c_ptr, N, K, NC, stride_am, stride_cm, stride
         ro = ct * BN * L + tl.arange(0, BN * L)
         out2 = tl.reshape(tl.permute(out, (1, 2, 0)), (BM, BN * L))
         tl.store(c_ptr + rows[:, None] * stride_cm + ro[None, :], out2, mask=m_mask[:, None])
-
-
-@triton.jit
-def _reduce_store(acc, d_ptr, d_off, d_mask, loc, ws_ptr, cnt_ptr, tile, sp, n_wtiles, n_split,
-                  TS: tl.constexpr, SPLIT1: tl.constexpr):
-    """Write ``acc`` (this program's split) into ``D``: directly when there is one split, else through
-    the fp32 workspace; the last program to finish the tile sums all partials in split order
-    (deterministic), writes ``D`` in its dtype and resets the tile's counter."""
-    if SPLIT1:
-        tl.store(d_ptr + d_off, acc.to(d_ptr.dtype.element_ty), mask=d_mask)
-    else:
-        tl.store(ws_ptr + (sp * n_wtiles + tile).to(tl.int64) * TS + loc, acc)
-        tl.debug_barrier()  # every thread's partial is issued before the (releasing) count
-        done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if done == n_split - 1:
-            tot = tl.zeros_like(acc)
-            for s2 in range(0, n_split):
-                tot += tl.load(ws_ptr + (s2 * n_wtiles + tile).to(tl.int64) * TS + loc, cache_modifier=".cg")
-            tl.store(d_ptr + d_off, tot.to(d_ptr.dtype.element_ty), mask=d_mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
@@ -191,10 +164,10 @@ def _wgrad_tile(wid, p_ptr, q_ptr, d_ptr, ws_ptr, cnt_ptr, N, MA, NT, G, tokens_
             p2 = tl.load(p_ptr + rows[:, None] * stride_pm + ri[None, :], mask=n_mask[:, None], other=0.0)
             pt = tl.permute(tl.reshape(p2, (BK, BA, L)), (2, 1, 0))
             qv = tl.load(q_ptr + rows[None, :, None] * stride_qm + q_cols, mask=n_mask[None, :, None], other=0.0)
-            acc = _dot(pt, qv, acc, IEEE)
+            acc = dot(pt, qv, acc, IEEE)
         d_off = ((lj[:, None, None] * MA + ra[None, :, None]).to(tl.int64) * NT + rt[None, None, :])
         loc = (lj[:, None, None] * BA + tl.arange(0, BA)[None, :, None]) * BT + tl.arange(0, BT)[None, None, :]
-        _reduce_store(acc, d_ptr, d_off, a_mask[None, :, None] & t_mask[None, None, :], loc, ws_ptr, cnt_ptr,
+        reduce_store(acc, d_ptr, d_off, a_mask[None, :, None] & t_mask[None, None, :], loc, ws_ptr, cnt_ptr,
                       tile, sp, n_wtiles, n_split, L * BA * BT, SPLIT1)
     else:
         p_cols = _cols(at * BA, tl.arange(0, BA), g, P_CH, P_SCH, P_JS, P_FAST)
@@ -208,10 +181,10 @@ def _wgrad_tile(wid, p_ptr, q_ptr, d_ptr, ws_ptr, cnt_ptr, N, MA, NT, G, tokens_
                          mask=a_mask[:, None] & n_mask[None, :], other=0.0)
             qv = tl.load(q_ptr + rows[:, None] * stride_qm + q_cols[None, :],
                          mask=n_mask[:, None] & t_mask[None, :], other=0.0)
-            acc = _dot(pt, qv, acc, IEEE)
+            acc = dot(pt, qv, acc, IEEE)
         d_off = (g * MA + _brow(ra, D_PCH, D_PL)).to(tl.int64)[:, None] * NT + rt[None, :]
         loc = tl.arange(0, BA)[:, None] * BT + tl.arange(0, BT)[None, :]
-        _reduce_store(acc, d_ptr, d_off, a_mask[:, None] & t_mask[None, :], loc, ws_ptr, cnt_ptr,
+        reduce_store(acc, d_ptr, d_off, a_mask[:, None] & t_mask[None, :], loc, ws_ptr, cnt_ptr,
                       tile, sp, n_wtiles, n_split, BA * BT, SPLIT1)
 
 

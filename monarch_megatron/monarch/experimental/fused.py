@@ -1,6 +1,13 @@
-"""Fused Triton Monarch multiply (forward and backward) with the permutations folded into addressing.
+"""Experimental: the fused Triton Monarch multiply (forward and backward), permutations folded into
+addressing (``MonarchOptions(backend="fused")``; ``"triton"`` off Hopper).
 
-Semantics are those of :func:`monarch_multiply_torch` (../shared/DESIGN.md, "Monarch semantics"):
+Why experimental. On an H100 it lost to the torch path at every shape of the last measurement (its
+products run 2-4x slower than cuBLAS: benchmarks/KERNEL_NOTES.md, v5), and it is unmeasured on other
+GPUs; ``"auto"`` never chooses it. It is kept, tested under the interpreter, as the only Triton path
+for shapes the TMA path refuses (e.g. ``l`` not dividing ``q``) and as a base for work on GPUs
+without TMA.
+
+Semantics are those of the torch path (:mod:`..torch_path`; ../shared/DESIGN.md, "Monarch semantics"):
 ``x: (..., k*p)``, ``w1: (k, q, p)``, ``w2: (l, s, r)``, output ``(..., l*s)``.
 
 Layout of the intermediate. Second-stage block ``j`` reads the flat first-stage channels
@@ -12,49 +19,28 @@ blocks and read by stage two as contiguous chunks of ``q/l`` channels; ``dw1`` i
 the natural row order by the same map. When ``l`` does not divide ``q`` the natural layout is used
 and stage two gathers with stride ``l`` (correct for every shape, slower).
 
-Launches per fwd+bwd (kernels: :mod:`.triton_monarch_kernels`): forward stage one, stage two;
+Launches per fwd+bwd (kernels: :mod:`.fused_kernels`): forward stage one, stage two;
 backward ``dv`` together with ``dw2`` (one launch, two program roles), then ``dx`` together with
 ``dw1``. Weight gradients reduce over tokens split over token ranges and are finished inside the
 kernel. Everything a launch needs besides the tensors (tiles, grid, scalar arguments) is computed
-once per shape and cached, and after the first launch the compiled kernel is launched directly
-(host overhead was the bound at small layers: benchmarks/KERNEL_NOTES.md, v4).
+once per shape and kernel options and cached, and after the first launch the compiled kernel is
+launched directly (host overhead was the bound at small layers: benchmarks/KERNEL_NOTES.md, v4).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-from .triton_monarch_kernels import monarch_kernel
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Token splits of the weight gradients forced (tests: exercise the in-kernel reduction at tiny n).
-_SPLIT_OVERRIDE = int(os.environ.get("MONARCH_TRITON_SPLIT", "0"))
-# Experiments (benchmarks/monarch_layer.py): direct launches of the compiled kernel; merged
-# backward launches; dw1 through cuBLAS bmm instead of the kernel's weight-gradient role (None:
-# bmm for blocks of >= 2**20 weights, where the layer is GPU-bound and cuBLAS's reduction is
-# faster: KERNEL_NOTES v4, 4096->16384 0.17 ms vs ~0.5 ms; the kernel's role elsewhere, which saves
-# the bmm and the inverse row-permutation copy on host-bound layers).
-FAST_LAUNCH = True
-MERGE = True
-DW1_BMM = None
-FALLBACKS: list = []  # merged launches that did not compile (error text), for the benchmark
+from ..options import KernelOptions
+from ..triton_common import INTERPRET, pow2_dividing, split_workspace, token_splits
+from .fused_kernels import monarch_kernel
 
 
 def _pow2_at_most(x: int, cap: int) -> int:
     """Largest power of two ``<= min(x, cap)``, at least 16 (the smallest ``tl.dot`` tile)."""
     v = 16
     while v * 2 <= min(x, cap):
-        v *= 2
-    return v
-
-
-def _pow2_dividing(x: int, cap: int) -> int:
-    """Largest power of two ``<= cap`` dividing ``x`` (1 if ``x`` is odd)."""
-    v = 1
-    while v * 2 <= cap and x % (v * 2) == 0:
         v *= 2
     return v
 
@@ -68,7 +54,7 @@ def _fast(cmap: tuple, tile: int) -> tuple:
 def _ktile(kmap: tuple, K: int, cap: int) -> int:
     """Reduction tile: keep it inside one chunk of the map when that still allows >= 16."""
     bk = _pow2_at_most(K, cap)
-    chunk = _pow2_dividing(kmap[0], bk)
+    chunk = pow2_dividing(kmap[0], bk)
     return chunk if 16 <= chunk < bk else bk
 
 
@@ -77,28 +63,32 @@ def _inter_ok(L: int, K: int, NC: int) -> bool:
     return L >= 2 and (L & (L - 1)) == 0 and K % 16 == 0 and NC % 16 == 0
 
 
-class _Spec:
-    """One launch: grid, launch options and the argument template (tensors filled in per call)."""
+class LaunchSpec:
+    """One launch of :func:`.fused_kernels.monarch_kernel`: grid, launch options and the argument
+    template (tensors filled in per call). ``direct``: launch the compiled kernel directly once it
+    exists (cleared for this launch if Triton's launcher rejects the call); ``fallback``: why a
+    merged launch runs as two (``None`` if it does not)."""
 
-    __slots__ = ("grid", "warps", "stages", "args", "ws_numel", "n_cnt", "ck", "parts")
+    __slots__ = ("grid", "warps", "stages", "args", "ws_numel", "n_cnt", "ck", "parts", "direct", "fallback")
 
     def run(self, a, b, c, p, q, d, device) -> None:
         if self.parts is not None:  # merged launch that did not compile: its two roles apart
             for part in self.parts:
                 part.run(a, b, c, p, q, d, device)
             return
-        ws, cnt, stream = _buffers(device, self.ws_numel, self.n_cnt)
+        ws, cnt, stream = split_workspace(device, self.ws_numel, self.n_cnt)
         args = self.args
+        # The tensor slots of monarch_kernel's signature: a, b, c, then p, q, d, ws, cnt.
         args[0], args[1], args[2], args[13], args[14], args[15], args[16], args[17] = a, b, c, p, q, d, ws, cnt
         ck = self.ck
-        if ck is not None and FAST_LAUNCH and _no_hooks():
+        if ck is not None and self.direct and _no_hooks():
             try:
                 ck.run(self.grid, 1, 1, stream, ck.function, ck.packed_metadata, None, None, None, *args)
                 return
             except Exception:  # launcher signature of another Triton: stay on the public path
-                globals()["FAST_LAUNCH"] = False
+                self.direct = False
         ck = monarch_kernel[(self.grid,)](*args, num_warps=self.warps, num_stages=self.stages)
-        if not _INTERPRET and hasattr(ck, "packed_metadata"):
+        if not INTERPRET and hasattr(ck, "packed_metadata"):
             self.ck = ck
 
 
@@ -107,27 +97,10 @@ def _no_hooks() -> bool:
     return rt is not None and rt.launch_enter_hook is None and rt.launch_exit_hook is None
 
 
-_BUFS: dict = {}
-
-
-def _buffers(device, ws_numel: int, n_cnt: int):
-    """fp32 workspace of the split partials and the per-tile counters (zero between launches: the
-    last program of a tile resets its counter), per device and stream; plus the raw stream."""
-    if _INTERPRET:
-        stream = 0
-    else:
-        stream = triton.runtime.driver.active.get_current_stream(device.index)
-    key = (device, stream)
-    ws, cnt = _BUFS.get(key, (None, None))
-    if ws is None or ws.numel() < ws_numel or cnt.numel() < n_cnt:
-        ws = torch.empty(max(ws_numel, 1 if ws is None else ws.numel()), device=device, dtype=torch.float32)
-        cnt = torch.zeros(max(n_cnt, 4096), device=device, dtype=torch.int32)
-        _BUFS[key] = (ws, cnt)
-    return ws, cnt, stream
-
-
-def _make_spec(N: int, ieee: bool, gemm: dict | None, wg: dict | None) -> _Spec:
-    """Tiles, grid and argument template of a launch with a GEMM role and/or a weight-gradient role."""
+def launch_spec(N: int, ieee: bool, gemm: dict | None, wg: dict | None,
+                kernel: KernelOptions = KernelOptions()) -> LaunchSpec:
+    """Tiles, grid and argument template of a launch with a GEMM role and/or a weight-gradient role
+    over ``N`` tokens (``gemm`` / ``wg``: the role's sizes and column maps, ``None`` for no role)."""
     c = dict(A_CH=1, A_SCH=1, A_JS=1, A_FAST=False, C_CH=1, C_SCH=1, C_JS=1, C_FAST=False, B_PK=0, B_PN=0,
              B_PL=1, GEMM=0, L=1, BM=16, BN=16, BK=16, EVEN_K=True, WG=False, P_CH=1, P_SCH=1, P_JS=1,
              P_FAST=False, Q_CH=1, Q_SCH=1, Q_JS=1, Q_FAST=False, P_INTER=False, D_PCH=0, D_PL=1, BA=16,
@@ -139,7 +112,7 @@ def _make_spec(N: int, ieee: bool, gemm: dict | None, wg: dict | None) -> _Spec:
         K, NC, G, L = gemm["K"], gemm["NC"], gemm["G"], gemm.get("L", 1)
         kind = gemm["kind"]
         if kind == 1:
-            if _INTERPRET:
+            if INTERPRET:
                 BM, BN, BK, w, st = 16, 16, 16, 1, 1
             else:
                 # 128x256x64, 8 warps, 3 stages (v3 sweep: 1.2-1.5x over 128x128 on these short-K products).
@@ -152,14 +125,14 @@ def _make_spec(N: int, ieee: bool, gemm: dict | None, wg: dict | None) -> _Spec:
                      EVEN_K=(K % BK == 0))
         else:  # paper order: 2 = interleaved A (input gradient of stage two), 3 = interleaved C
             v_map = gemm["c_map"] if kind == 2 else gemm["a_map"]
-            if _INTERPRET:
+            if INTERPRET:
                 BM, BN, BK, w, st = 16, 16, 16, 1, 1
             else:
                 BM, w, st = 64, 4, 3
-                BN = _pow2_dividing(NC, max(16, 256 // L))
-                BK = _pow2_dividing(K, 32)
+                BN = pow2_dividing(NC, max(16, 256 // L))
+                BK = pow2_dividing(K, 32)
                 if kind == 3:
-                    BK = min(BK, max(16, _pow2_dividing(v_map[0], BK)))
+                    BK = min(BK, max(16, pow2_dividing(v_map[0], BK)))
             n_prog = triton.cdiv(N, BM) * (NC // BN)
             pre = "C" if kind == 2 else "A"
             c.update(zip((pre + "_CH", pre + "_SCH", pre + "_JS", pre + "_FAST"),
@@ -172,18 +145,15 @@ def _make_spec(N: int, ieee: bool, gemm: dict | None, wg: dict | None) -> _Spec:
     n_wg = 0
     if wg is not None:
         MA, NT, G, p_inter = wg["MA"], wg["NT"], wg["G"], wg.get("p_inter", False)
-        if _INTERPRET:
+        if INTERPRET:
             BA, BT, BK, w, st = 16, 16, 16, 1, 1
         elif p_inter:
-            BA, BT, BK, w, st = _pow2_dividing(MA, max(16, 256 // G)), _pow2_dividing(NT, 64), 32, 4, 3
+            BA, BT, BK, w, st = pow2_dividing(MA, max(16, 256 // G)), pow2_dividing(NT, 64), 32, 4, 3
         else:
             BA, BT, BK = _pow2_at_most(MA, 128), _pow2_at_most(NT, 256), 64
             w, st = (8, 3) if BA * BT >= 128 * 128 else (4, 4)
         tiles = triton.cdiv(MA, BA) * triton.cdiv(NT, BT) * (1 if p_inter else G)
-        # Enough programs to fill the GPU (about two waves of 132 SMs), each reducing >= 1024 tokens.
-        split = _SPLIT_OVERRIDE or (1 if _INTERPRET else max(1, min(264 // tiles, triton.cdiv(N, 1024))))
-        tps = triton.cdiv(triton.cdiv(N, split), BK) * BK
-        split = triton.cdiv(N, tps)
+        split, tps = token_splits(N, tiles, BK, kernel.weight_grad_splits)
         n_wg = tiles * split
         c.update(zip(("P_CH", "P_SCH", "P_JS", "P_FAST"), _fast(wg["p_map"], BA)))
         c.update(zip(("Q_CH", "Q_SCH", "Q_JS", "Q_FAST"), _fast(wg["q_map"], BT)))
@@ -197,10 +167,11 @@ def _make_spec(N: int, ieee: bool, gemm: dict | None, wg: dict | None) -> _Spec:
             n_cnt = tiles
         warps.append(w)
         stages.append(st)
-    spec = _Spec()
+    spec = LaunchSpec()
     spec.grid = s["n_gemm"] + n_wg
     spec.warps, spec.stages = max(warps), min(stages)
     spec.ws_numel, spec.n_cnt, spec.ck, spec.parts = ws_numel, n_cnt, None, None
+    spec.direct, spec.fallback = kernel.fused_direct_launch, None
     spec.args = ([None] * 3 + [N, s["K"], s["NC"], s["G"], s["sam"], s["scm"], s["sbg"], s["sbk"], s["sbn"],
                                 s["n_gemm"]]
                  + [None] * 5 + [s["MA"], s["NT"], s["GW"], s["tps"], s["n_split"], s["spm"], s["sqm"]]
@@ -209,10 +180,11 @@ def _make_spec(N: int, ieee: bool, gemm: dict | None, wg: dict | None) -> _Spec:
 
 
 class _Plan:
-    """Every launch of one layer shape (per token count, dtype, output order), built once."""
+    """Every launch of one layer shape (per token count, dtype, output order, kernel options),
+    built once."""
 
-    def __init__(self, k, q, p, l, s, r, n, dtype, out_perm, need):
-        ieee = _INTERPRET or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    def __init__(self, k, q, p, l, s, r, n, dtype, out_perm, need, kernel: KernelOptions):
+        ieee = INTERPRET or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
         self.rowperm = q % l == 0
         ch = q // l if self.rowperm else 0
         pl = l if self.rowperm else 1
@@ -221,13 +193,16 @@ class _Plan:
         y_map = (1, l, 1) if out_perm else (s, 0, s)
         inter = out_perm and _inter_ok(l, r, s)
         w1_rows = dict(B_PL=pl)
-        self.dw1_bmm = DW1_BMM if DW1_BMM is not None else q * p >= 1 << 20
+        # dw1 by cuBLAS bmm where the layer is GPU-bound and cuBLAS's reduction is faster (4096->16384:
+        # 0.17 vs ~0.5 ms, KERNEL_NOTES v4); elsewhere the kernel's role saves the bmm and a copy.
+        self.dw1_bmm = kernel.fused_dw1_cublas if kernel.fused_dw1_cublas is not None else q * p >= 1 << 20
         # Stage one: u'[:, i] = x_i @ w1[i]^T with the rows of w1[i] in u' order (B[i, kk, c] = w1[i, c, kk]).
-        self.s1 = _make_spec(n, ieee, dict(kind=1, K=p, NC=q, G=k, a_map=x_map, c_map=u_map, sam=k * p,
-                                           scm=k * q, b_strides=(q * p, 1, p), B_PN=ch, **w1_rows), None)
+        self.s1 = launch_spec(n, ieee, dict(kind=1, K=p, NC=q, G=k, a_map=x_map, c_map=u_map, sam=k * p,
+                                            scm=k * q, b_strides=(q * p, 1, p), B_PN=ch, **w1_rows), None, kernel)
         # Stage two: y_j = v_j @ w2[j]^T (B[j, kk, c] = w2[j, c, kk]).
-        self.s2 = _make_spec(n, ieee, dict(kind=3 if inter else 1, K=r, NC=s, G=l, L=l, a_map=v_map,
-                                           c_map=y_map, sam=k * q, scm=l * s, b_strides=(s * r, 1, r)), None)
+        self.s2 = launch_spec(n, ieee, dict(kind=3 if inter else 1, K=r, NC=s, G=l, L=l, a_map=v_map,
+                                            c_map=y_map, sam=k * q, scm=l * s, b_strides=(s * r, 1, r)), None,
+                              kernel)
         # Backward, launch 1: dv_j = dy_j @ w2[j] into the u' layout (B[j, kk, c] = w2[j, kk, c]) and
         # dw2[j] = dy_j^T @ v_j.
         g1 = (dict(kind=2 if inter else 1, K=s, NC=r, G=l, L=l, a_map=y_map, c_map=v_map, sam=l * s,
@@ -240,30 +215,30 @@ class _Plan:
                    b_strides=(q * p, p, 1), B_PK=ch, **w1_rows) if need[0] else None)
         w2g = (dict(MA=q, NT=p, G=k, p_map=u_map, q_map=x_map, spm=k * q, sqm=k * p, D_PCH=ch, D_PL=pl)
                if need[1] and not self.dw1_bmm else None)
-        self.b1 = self._launch(n, ieee, g1, w1g)
-        self.b2 = self._launch(n, ieee, g2, w2g)
+        self.b1 = self._launch(n, ieee, g1, w1g, kernel)
+        self.b2 = self._launch(n, ieee, g2, w2g, kernel)
 
     @staticmethod
-    def _launch(n, ieee, gemm, wg):
+    def _launch(n, ieee, gemm, wg, kernel: KernelOptions):
         if gemm is None and wg is None:
             return None
-        spec = _make_spec(n, ieee, gemm, wg)
-        if gemm is not None and wg is not None and not MERGE:
-            spec.parts = [_make_spec(n, ieee, gemm, None), _make_spec(n, ieee, None, wg)]
+        spec = launch_spec(n, ieee, gemm, wg, kernel)
+        if gemm is not None and wg is not None and not kernel.fused_merged_launches:
+            spec.parts = [launch_spec(n, ieee, gemm, None, kernel), launch_spec(n, ieee, None, wg, kernel)]
         elif gemm is not None and wg is not None:
-            spec.parts = _Fallback(n, ieee, gemm, wg)
+            spec.parts = _Fallback(n, ieee, gemm, wg, kernel)
         return spec
 
 
 class _Fallback(list):
     """Marker: try the merged launch first; if it does not compile, run its roles apart."""
 
-    def __init__(self, n, ieee, gemm, wg):
+    def __init__(self, n, ieee, gemm, wg, kernel: KernelOptions):
         super().__init__()
-        self.args = (n, ieee, gemm, wg)
+        self.args = (n, ieee, gemm, wg, kernel)
 
 
-def _run(spec: _Spec, a, b, c, p, q, d, device) -> None:
+def _run(spec: LaunchSpec, a, b, c, p, q, d, device) -> None:
     parts = spec.parts
     if isinstance(parts, _Fallback):
         try:
@@ -271,28 +246,46 @@ def _run(spec: _Spec, a, b, c, p, q, d, device) -> None:
             spec.run(a, b, c, p, q, d, device)
             return
         except Exception as e:  # e.g. out of shared memory for the two roles' pipelines together
-            n, ieee, gemm, wg = parts.args
-            FALLBACKS.append(f"{gemm['kind']}/{wg.get('p_inter', False)} {gemm['K']}x{gemm['NC']}: "
+            n, ieee, gemm, wg, kernel = parts.args
+            spec.fallback = (f"{gemm['kind']}/{wg.get('p_inter', False)} {gemm['K']}x{gemm['NC']}: "
                              f"{type(e).__name__} {str(e)[:120]}")
-            spec.parts = [_make_spec(n, ieee, gemm, None), _make_spec(n, ieee, None, wg)]
+            spec.parts = [launch_spec(n, ieee, gemm, None, kernel), launch_spec(n, ieee, None, wg, kernel)]
     spec.run(a, b, c, p, q, d, device)
 
 
 _PLANS: dict = {}
 
 
-def _get_plan(w1, w2, n, dtype, out_perm, need) -> _Plan:
-    key = (w1.shape, w2.shape, n, dtype, out_perm, need, FAST_LAUNCH, MERGE, DW1_BMM,
-           torch.backends.cuda.matmul.allow_tf32)
+def _get_plan(w1, w2, n, dtype, out_perm, need, kernel: KernelOptions) -> _Plan:
+    """The cached plan of these operands; the kernel options are part of the key, so two option
+    sets never share a plan."""
+    key = (w1.shape, w2.shape, n, dtype, out_perm, need, kernel, torch.backends.cuda.matmul.allow_tf32)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(*w1.shape, *w2.shape, n, dtype, out_perm, need)
+        plan = _PLANS[key] = _Plan(*w1.shape, *w2.shape, n, dtype, out_perm, need, kernel)
     return plan
+
+
+def launch_diagnostics() -> dict:
+    """What the cached plans' launches ended up doing (for the benchmark's report):
+    ``direct_launch``: every launch launches the compiled kernel directly (none turned off by the
+    options or rejected by Triton's launcher); ``merged_fallbacks``: why each merged backward
+    launch that did not compile runs as two."""
+    specs = []
+    for plan in _PLANS.values():
+        for spec in (plan.s1, plan.s2, plan.b1, plan.b2):
+            if spec is not None:
+                specs.append(spec)
+                if isinstance(spec.parts, list) and not isinstance(spec.parts, _Fallback):
+                    specs.extend(spec.parts)
+    return {"direct_launch": all(spec.direct for spec in specs),
+            "merged_fallbacks": [spec.fallback for spec in specs if spec.fallback is not None]}
 
 
 class _MonarchTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool):
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool,
+                kernel: KernelOptions):
         k, q, p = w1.shape
         l, s, r = w2.shape
         x2 = x.reshape(-1, k * p)
@@ -301,7 +294,7 @@ class _MonarchTriton(torch.autograd.Function):
         w1, w2 = w1.contiguous(), w2.contiguous()
         n = x2.shape[0]
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        plan = _get_plan(w1, w2, n, x2.dtype, output_permutation, need)
+        plan = _get_plan(w1, w2, n, x2.dtype, output_permutation, need, kernel)
         u = torch.empty((n, k * q), device=x2.device, dtype=x2.dtype)
         y = torch.empty((n, l * s), device=x2.device, dtype=x2.dtype)
         _run(plan.s1, x2, w1, u, x2, x2, u, x2.device)
@@ -339,87 +332,24 @@ class _MonarchTriton(torch.autograd.Function):
             if plan.rowperm:
                 dw1 = dw1.view(k, l, q // l, p).transpose(1, 2).reshape(k, q, p)
         dx = None if dx2 is None else dx2.view(*ctx.batch_shape, x2.shape[1])
-        return dx, dw1, (dw2 if need[2] else None), None
+        return dx, dw1, (dw2 if need[2] else None), None, None
 
 
-def monarch_multiply_fused(
-    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool = True
-) -> torch.Tensor:
-    """The fused kernel alone (any CUDA GPU), arguments and shapes as :func:`monarch_multiply_triton`;
-    operands of one dtype (the caller casts under autocast)."""
-    if not (x.dtype == w1.dtype == w2.dtype):
-        raise ValueError(f"dtypes differ: x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype}")
-    return _MonarchTriton.apply(x, w1, w2, bool(output_permutation))
-
-
-def monarch_multiply_triton(
-    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool = True
-) -> torch.Tensor:
-    """The Triton implementation (``backend="triton"``): on Hopper, where
-    :func:`.triton_monarch_tma.supports` holds, the TMA kernels with cuBLAS for the plain products
-    (faster at every measured shape: benchmarks/KERNEL_NOTES.md v5); elsewhere the fused kernel.
+def monarch_multiply_fused(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool = True,
+                           kernel: KernelOptions = KernelOptions()) -> torch.Tensor:
+    """The fused kernel (any CUDA GPU, or the interpreter), with autograd.
 
     Args:
         x: ``(..., k*p)`` input, already padded; fp32, fp16 or bf16 (fp32 accumulation).
         w1: ``(k, q, p)`` first block-diagonal factor.
-        w2: ``(l, s, r)`` second block-diagonal factor, ``l*r == k*q``.
+        w2: ``(l, s, r)`` second block-diagonal factor, ``l*r == k*q``; operands of one dtype (the
+            dispatcher casts them under autocast).
         output_permutation: paper order (``True``) or block-major order (``False``).
+        kernel: the kernel knobs (``fused_*``, ``weight_grad_splits``).
 
     Returns:
-        ``(..., l*s)`` output in the (autocast) compute dtype.
+        ``(..., l*s)`` output in the operands' dtype.
     """
-    from . import triton_monarch_tma as tma
-
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        # Cast as autocast casts a matmul's operands; the kernels themselves ignore autocast.
-        dt = torch.get_autocast_dtype(dev)
-        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
-        with torch.autocast(dev, enabled=False):
-            return monarch_multiply_triton(x, w1, w2, output_permutation)
-    if x.dtype == w1.dtype == w2.dtype and tma.supports(x, w1, w2):
-        return tma.monarch_multiply_tma(x, w1, w2, output_permutation)
-    return monarch_multiply_fused(x, w1, w2, output_permutation)
-
-
-# Per-call fwd+bwd work above which a Monarch layer is GPU-bound on the measured H100 machine
-# (>= ~1.5 ms of GPU time against ~0.6-1.4 ms of host time to issue it; benchmarks/RESULTS.md).
-GPU_BOUND_FLOPS = 1.0e12
-
-
-def prefers_triton(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                   output_permutation: bool | None = None) -> bool:
-    """Whether ``backend="auto"`` takes the Triton path for these operands.
-
-    ``x``: ``(..., k*p)``; ``w1``: ``(k, q, p)``; ``w2``: ``(l, s, r)``; ``output_permutation``: the
-    output order, or ``None`` (unknown; the rule does not depend on it).
-
-    The TMA path (Hopper, bf16/fp16) beat or tied the torch path in GPU time at every measured shape
-    and order with power-of-two chunks ``q/l`` and blocks ``p`` that are multiples of 64 (1024- and
-    4096-wide layers, nblocks 2, 4, 8), but it costs more host time per call (three Triton launches
-    with TMA descriptors: 0.75-1.4 ms per fwd+bwd on the measured machine against 0.55-1.0 ms for
-    the torch path). So it is chosen where the call is GPU-bound: at least ``GPU_BOUND_FLOPS`` of
-    fwd+bwd work (e.g. 4096->16384 at >= 8192 tokens: 2.9x dense there). Smaller calls (BERT-large
-    widths) are bound by host time when run eagerly, where the torch path is faster; under CUDA
-    graphs, or on a faster host, ``MONARCH_MULTIPLY_BACKEND=triton`` selects the TMA path for them.
-    The fused kernel never beat the torch path on an H100 and is not chosen.
-    """
-    from . import triton_monarch_tma as tma
-
-    if not x.is_cuda or _INTERPRET:
-        return False
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    k, _, p = w1.shape
-    return tma.supports(x, w1, w2, dtype) and tma_pays_off(x.numel() // (k * p), w1.shape, w2.shape)
-
-
-def tma_pays_off(tokens: int, w1_shape: tuple, w2_shape: tuple) -> bool:
-    """The shape part of :func:`prefers_triton`: power-of-two chunks ``q/l``, blocks ``p`` that are
-    multiples of 64, and at least ``GPU_BOUND_FLOPS`` of fwd+bwd work for ``tokens`` rows.
-    ``w1_shape``: ``(k, q, p)``; ``w2_shape``: ``(l, s, r)``."""
-    k, q, p = w1_shape
-    l, s, r = w2_shape
-    ch = q // l
-    flops = 6.0 * tokens * (k * q * p + l * s * r)
-    return ch > 0 and ch & (ch - 1) == 0 and p % 64 == 0 and flops >= GPU_BOUND_FLOPS
+    if not (x.dtype == w1.dtype == w2.dtype):
+        raise ValueError(f"dtypes differ: x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype}")
+    return _MonarchTriton.apply(x, w1, w2, bool(output_permutation), kernel)

@@ -1,0 +1,42 @@
+"""The second Monarch stage and its gradients as batched cuBLAS products, shared by the torch path
+(:mod:`.torch_path`) and the TMA path (:mod:`.triton_monarch_tma`): on every measured GPU cuBLAS
+runs these plain strided products at least as fast as any Triton kernel of ours
+(benchmarks/KERNEL_NOTES.md, v5), so both paths keep them.
+
+Shapes: ``v: (n, l, r)`` (the second stage's input, block ``j`` contiguous), ``w2: (l, s, r)``,
+output ``(n, l*s)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def second_stage(v: torch.Tensor, w2: torch.Tensor, output_permutation: bool) -> torch.Tensor:
+    """``y_j = v_j @ w2[j]^T`` by one batched cuBLAS product. ``v: (n, l, r)`` (the second stage's
+    input, block ``j`` contiguous), ``w2: (l, s, r)``; returns ``(n, l*s)`` in the requested order
+    (the paper order costs one copy of the output)."""
+    l, s, _ = w2.shape
+    n = v.shape[0]
+    y = v.new_empty(n, l, s)
+    torch.bmm(v.transpose(0, 1), w2.transpose(1, 2), out=y.transpose(0, 1))
+    return y.transpose(1, 2).reshape(n, s * l) if output_permutation else y.view(n, l * s)
+
+
+def second_stage_grads(grad_out: torch.Tensor, v: torch.Tensor, w2: torch.Tensor, output_permutation: bool,
+                       need_w2: bool, need_v: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`second_stage`: ``(dw2, dv)`` (``None`` where not needed).
+    ``grad_out: (n, l*s)``, ``v: (n, l, r)``, ``w2: (l, s, r)``; ``dv`` is ``(n, l, r)``."""
+    l, s, r = w2.shape
+    n = v.shape[0]
+    if output_permutation:
+        dy = grad_out.reshape(n, s, l).transpose(1, 2).contiguous()  # (n, l, s)
+    else:
+        dy = grad_out.reshape(n, l, s)
+    dyt = dy.transpose(0, 1)  # (l, n, s)
+    dw2 = torch.bmm(dyt.transpose(1, 2), v.transpose(0, 1)) if need_w2 else None
+    dv = None
+    if need_v:
+        dv = v.new_empty(n, l, r)
+        torch.bmm(dyt, w2, out=dv.transpose(0, 1))
+    return dw2, dv
