@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+HF = ["transformers>=5.24,<6", "safetensors>=0.8"]
+
 setup(
     name="monarch_megatron",
     version="0.1.0",
@@ -19,7 +21,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # triton runs the fused kernel's tests in interpreter mode on CPU
-        "test": ["pytest", "triton"],
+        # Hugging Face interop (launcher/export_hf.py, launcher/import_hf.py); no torch of its own
+        "hf": HF,
+        # triton runs the fused kernel's tests in interpreter mode on CPU; the hf tests need HF
+        "test": ["pytest", "triton", *HF],
     },
 )
