@@ -69,7 +69,7 @@ def test_converted_dense_model_gives_the_monarch_loss(kind: str) -> None:
         loss_d, metrics_d = forward_step(dense, batch, kind)
     assert float(loss_d) == pytest.approx(float(loss_m), rel=1e-5)
     for key in metrics_m:
-        assert metrics_d[key] == pytest.approx(metrics_m[key], rel=1e-5)
+        assert float(metrics_d[key]) == pytest.approx(float(metrics_m[key]), rel=1e-5)
 
 
 def test_converted_state_dict_loads_into_stock_megatron_local_spec_models() -> None:

@@ -41,6 +41,13 @@ def whole_word_candidates(
     return words
 
 
+def masked_positions_bound(seq_length: int, masking_probability: float) -> int:
+    """The most positions :func:`create_masked_lm_predictions` masks in a sequence of
+    ``seq_length`` tokens: its budget ``max(1, round(p * eligible))`` with ``eligible <= seq_length``
+    (whole words and N-grams are taken only while they fit the budget)."""
+    return min(seq_length, max(1, int(round(masking_probability * seq_length))))
+
+
 def create_masked_lm_predictions(
     token_ids: Sequence[int],
     *,

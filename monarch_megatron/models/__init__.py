@@ -1,6 +1,14 @@
 """Model providers on megatron-core: BERT / GPT with optional Monarch linears."""
 
-from .builder import SDPABertModel, build_model, forward_step, parameter_report, transformer_config
+from .builder import (
+    SDPABertModel,
+    build_model,
+    forward_step,
+    loss_names,
+    masked_positions,
+    parameter_report,
+    transformer_config,
+)
 from .config import MODEL_KINDS, ModelConfig, MonarchConfig
 
 __all__ = [
@@ -10,6 +18,8 @@ __all__ = [
     "SDPABertModel",
     "build_model",
     "forward_step",
+    "loss_names",
+    "masked_positions",
     "parameter_report",
     "transformer_config",
 ]

@@ -18,6 +18,7 @@ from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ..monarch import MonarchOptions
 from ..parallel import (
     MonarchColumnParallelLinear,
     MonarchRowParallelLinear,
@@ -81,6 +82,7 @@ def build_model(
     precision: str = "fp32",
     *,
     attention: str = "auto",
+    monarch_options: MonarchOptions | None = None,
 ) -> BertModel | GPTModel:
     """A megatron-core ``BertModel`` (masked LM, sentence-order head if ``model_cfg.sentence_order``)
     or ``GPTModel`` with Monarch linears where ``monarch`` says (dense everywhere if ``None``).
@@ -88,7 +90,8 @@ def build_model(
     ``parallel_state`` must be initialised; the TP size is read from it. Parameters are created in
     ``precision``'s dtype and moved to the current CUDA device where CUDA is available. Call
     ``torch.manual_seed(seed)`` (the same on every TP rank) first: it fixes the global weights.
-    ``attention`` picks the core attention (:func:`monarch_megatron.parallel.core_attention_module`).
+    ``attention`` picks the core attention (:func:`monarch_megatron.parallel.core_attention_module`);
+    ``monarch_options`` how the Monarch linears multiply (None: the process default).
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     vocab = model_cfg.padded_vocab_size
@@ -102,7 +105,7 @@ def build_model(
         model = SDPABertModel(
             config=config,
             num_tokentypes=2,
-            transformer_layer_spec=get_bert_layer_spec(monarch, attention),
+            transformer_layer_spec=get_bert_layer_spec(monarch, attention, monarch_options),
             vocab_size=vocab,
             max_sequence_length=model_cfg.max_position_embeddings,
             add_binary_head=model_cfg.sentence_order,
@@ -112,7 +115,7 @@ def build_model(
     else:
         model = GPTModel(
             config=config,
-            transformer_layer_spec=get_gpt_layer_spec(monarch, attention),
+            transformer_layer_spec=get_gpt_layer_spec(monarch, attention, monarch_options),
             vocab_size=vocab,
             max_sequence_length=model_cfg.max_position_embeddings,
             share_embeddings_and_output_weights=True,
@@ -150,9 +153,57 @@ def _masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tens
     return torch.sum(per_token.reshape(-1).float() * mask) / mask.sum().clamp(min=1.0)
 
 
+def loss_names(kind: str, sentence_order: bool) -> tuple[str, ...]:
+    """Names of the values :func:`forward_step` reports, in order: ``loss`` first, then Megatron's
+    ``lm loss`` and (BERT with the sentence-order head) ``sop loss``."""
+    return ("loss", "lm loss", "sop loss") if kind == "bert" and sentence_order else ("loss", "lm loss")
+
+
+class _MaskedPositionsGather:
+    """Forward pre-hook of a BERT ``lm_head`` that keeps only the rows of the masked positions.
+
+    megatron-core's ``BertModel`` runs its LM head, output layer and cross entropy over every token,
+    although only the masked ~15% carry a loss; NVIDIA's MLPerf BERT (the paper's baseline) gathers
+    them first. The hook swaps ``hidden_states [s, b, h]`` for ``[K, b, h]`` (``positions [b, K]``),
+    so everything after it costs K/s of the full head; ``lm_labels`` must then be ``[b, K]``. It is
+    a hook on the submodule (megatron's own forward is untouched) and a no-op while ``positions``
+    is None.
+    """
+
+    def __init__(self) -> None:
+        self.positions: torch.Tensor | None = None
+
+    def __call__(self, module, args, kwargs):
+        if self.positions is None:
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        index = self.positions.t().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [K, b, h]
+        gathered = torch.gather(hidden, 0, index)
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": gathered}
+        return (gathered, *args[1:]), kwargs
+
+
+def _gather_hook(model: torch.nn.Module) -> _MaskedPositionsGather:
+    hook = getattr(model.lm_head, "_masked_positions_gather", None)
+    if hook is None:
+        hook = _MaskedPositionsGather()
+        model.lm_head.register_forward_pre_hook(hook, with_kwargs=True)
+        model.lm_head._masked_positions_gather = hook
+    return hook
+
+
+def masked_positions(loss_mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``[b, count]`` indices of the masked positions of each row of ``loss_mask [b, s]`` (ascending),
+    padded with unmasked positions where a row has fewer. A stable sort, not ``nonzero``: the
+    shape is static and nothing waits for the device (CUDA-graph safe)."""
+    order = torch.sort((loss_mask <= 0).to(torch.int8), dim=1, stable=True).indices
+    return order[:, :count]
+
+
 def forward_step(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: str
-) -> tuple[torch.Tensor, dict[str, float]]:
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], kind: str, *, masked_positions_bound: int | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one batch (megatron-core's native sample dicts, collated to ``[B, S]``).
 
     BERT: keys ``text``, ``types``, ``labels``, ``padding_mask`` (1 = real token), ``loss_mask``,
@@ -160,28 +211,44 @@ def forward_step(
     when the model has the binary head. GPT: ``tokens``, ``labels``, ``loss_mask``,
     ``position_ids``; loss = mean LM loss over ``loss_mask`` (causal mask built in attention).
 
+    ``masked_positions_bound`` (BERT): an upper bound K on the masked positions of any sequence;
+    the LM head then runs on those K positions per sequence only (same loss, K/s of the head's
+    cost; see :class:`_MaskedPositionsGather`). ``model`` may be a DeepSpeed engine or the module.
+
+    Nothing here reads a value back to the host (no synchronisation with the device).
+
     Returns:
-        ``(loss, metrics)``: scalar fp32 loss (differentiable) and ``{"lm loss": ..., "sop loss": ...}``
-        (the latter for BERT with the sentence-order head).
+        ``(loss, values)``: the scalar fp32 loss (differentiable) and ``{name: detached fp32 scalar}``
+        for the names of :func:`loss_names` after ``loss``.
     """
     device = next(model.parameters()).device
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
     if kind == "bert":
-        lm_per_token, sop_logits = model(
-            b["text"], b["padding_mask"], tokentype_ids=b["types"], lm_labels=b["labels"]
-        )
-        lm_loss = _masked_mean(lm_per_token, b["loss_mask"])
-        metrics = {"lm loss": float(lm_loss.detach())}
+        labels, loss_mask = b["labels"], b["loss_mask"]
+        module = getattr(model, "module", model)
+        hook = None
+        if masked_positions_bound is not None and masked_positions_bound < labels.shape[1]:
+            hook = _gather_hook(module)
+            hook.positions = masked_positions(loss_mask, masked_positions_bound)
+            labels = torch.gather(labels, 1, hook.positions)
+            loss_mask = torch.gather(loss_mask, 1, hook.positions)
+        try:
+            lm_per_token, sop_logits = model(b["text"], b["padding_mask"], tokentype_ids=b["types"], lm_labels=labels)
+        finally:
+            if hook is not None:
+                hook.positions = None
+        lm_loss = _masked_mean(lm_per_token, loss_mask)
+        values = {"lm loss": lm_loss.detach()}
         loss = lm_loss
         if sop_logits is not None and "is_random" in b:
             sop_loss = F.cross_entropy(
                 sop_logits.view(-1, 2).float(), b["is_random"].view(-1).long(), ignore_index=-1
             )
             loss = lm_loss + sop_loss
-            metrics["sop loss"] = float(sop_loss.detach())
-        return loss, metrics
+            values["sop loss"] = sop_loss.detach()
+        return loss, values
     if kind == "gpt":
         per_token = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
         loss = _masked_mean(per_token, b["loss_mask"])
-        return loss, {"lm loss": float(loss.detach())}
+        return loss, {"lm loss": loss.detach()}
     raise ValueError(f"kind must be 'bert' or 'gpt', got kind={kind!r}")

@@ -35,7 +35,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 from torch.nn import Parameter
 
-from ..monarch import init_monarch_, monarch_factor_shapes, monarch_multiply
+from ..monarch import MonarchOptions, init_monarch_, monarch_factor_shapes, monarch_multiply
 from .sharding import check_monarch_split, split_monarch
 
 
@@ -72,8 +72,11 @@ class _MonarchParallelLinear(torch.nn.Module):
         nblocks: int,
         fallback_std: float,
         name: str | None,
+        options: MonarchOptions | None,
     ) -> None:
         super().__init__()
+        # How the multiply runs (backend; CUDA-graphed or eager): from the layer spec.
+        self.options = options
         if is_expert:
             raise NotImplementedError("Monarch layers are not supported as MoE experts (is_expert=True)")
         if stride != 1:
@@ -148,7 +151,7 @@ class _MonarchParallelLinear(torch.nn.Module):
     # -- shared ---------------------------------------------------------------------------------
     def _local_multiply(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., local in)`` -> ``(..., local padded out)`` on this rank's factors."""
-        return monarch_multiply(x, self.blkdiag1, self.blkdiag2, self.output_permutation)
+        return monarch_multiply(x, self.blkdiag1, self.blkdiag2, self.output_permutation, self.options)
 
     def _w1_checkpoint_view(self) -> tuple[torch.Tensor, int | None]:
         return self.blkdiag1, None
@@ -213,6 +216,7 @@ class MonarchColumnParallelLinear(_MonarchParallelLinear):
         tp_group: torch.distributed.ProcessGroup | None = None,
         name: str | None = None,
         nblocks: int = 4,
+        options: MonarchOptions | None = None,
     ) -> None:
         if skip_weight_param_allocation or keep_master_weight_for_test or disable_grad_reduce:
             raise NotImplementedError(
@@ -226,7 +230,7 @@ class MonarchColumnParallelLinear(_MonarchParallelLinear):
         super().__init__(
             input_size, output_size, config=config, init_method=init_method, bias=bias,
             skip_bias_add=skip_bias_add, stride=stride, is_expert=is_expert, tp_group=tp_group,
-            nblocks=nblocks, fallback_std=getattr(config, "init_method_std", 0.02), name=name,
+            nblocks=nblocks, fallback_std=getattr(config, "init_method_std", 0.02), name=name, options=options,
         )
         if self.bias is not None:
             set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
@@ -321,6 +325,7 @@ class MonarchRowParallelLinear(_MonarchParallelLinear):
         tp_group: torch.distributed.ProcessGroup | None = None,
         name: str | None = None,
         nblocks: int = 4,
+        options: MonarchOptions | None = None,
     ) -> None:
         if keep_master_weight_for_test:
             raise NotImplementedError("keep_master_weight_for_test is not supported")
@@ -335,7 +340,7 @@ class MonarchRowParallelLinear(_MonarchParallelLinear):
         super().__init__(
             input_size, output_size, config=config, init_method=init_method, bias=bias,
             skip_bias_add=skip_bias_add, stride=stride, is_expert=is_expert, tp_group=tp_group,
-            nblocks=nblocks, fallback_std=fallback, name=name,
+            nblocks=nblocks, fallback_std=fallback, name=name, options=options,
         )
         if self.bias is not None:
             setattr(self.bias, "sequence_parallel", self.sequence_parallel)

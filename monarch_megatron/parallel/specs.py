@@ -22,6 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from ..monarch import MonarchOptions
 from .attention import SDPACoreAttention
 from .layers import MonarchColumnParallelLinear, MonarchRowParallelLinear
 
@@ -74,15 +75,17 @@ def core_attention_module(attention: str = "auto") -> type:
     return te if te is not None else SDPACoreAttention
 
 
-def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str) -> ModuleSpec:
-    """A deep copy of a local TransformerLayer spec with the chosen submodules replaced."""
+def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
+          options: MonarchOptions | None) -> ModuleSpec:
+    """A deep copy of a local TransformerLayer spec with the chosen submodules replaced; the Monarch
+    linears get ``options`` (backend, CUDA-graphed or not; None = the process default)."""
     spec = copy.deepcopy(spec)
     attn = spec.submodules.self_attention.submodules
     mlp = spec.submodules.mlp.submodules
     attn.core_attention = core_attention_module(attention)
     if monarch is not None:
         layers = set(monarch.layers)
-        params = {"nblocks": monarch.nblocks}
+        params = {"nblocks": monarch.nblocks, "options": options}
         if "qkv" in layers:
             # SelfAttention calls linear_qkv(...) directly rather than through build_module, so
             # it must be a callable class, not a ModuleSpec.
@@ -96,11 +99,13 @@ def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str) -> Mo
     return spec
 
 
-def get_bert_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto") -> ModuleSpec:
+def get_bert_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto",
+                        options: MonarchOptions | None = None) -> ModuleSpec:
     """BERT layer spec (padding-mask attention): megatron's local spec with Monarch / SDPA swaps."""
-    return _swap(bert_layer_local_spec, monarch, attention)
+    return _swap(bert_layer_local_spec, monarch, attention, options)
 
 
-def get_gpt_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto") -> ModuleSpec:
+def get_gpt_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto",
+                       options: MonarchOptions | None = None) -> ModuleSpec:
     """GPT layer spec (causal attention): megatron's local spec with Monarch / SDPA swaps."""
-    return _swap(get_gpt_layer_local_spec(), monarch, attention)
+    return _swap(get_gpt_layer_local_spec(), monarch, attention, options)

@@ -106,6 +106,16 @@ class ScheduleSection:
 
 
 @dataclass
+class ProfileSection:
+    """torch.profiler over ``num_steps`` optimizer steps from ``start_step`` (1-based; a list gives
+    several windows, e.g. one per phase; null = off): a trace per window in
+    ``<output_dir>/profile/`` and a one-screen summary in the log (training/profiling.py)."""
+
+    start_step: int | list[int] | None = None
+    num_steps: int = 4
+
+
+@dataclass
 class TrainingSection:
     total_steps: int | None = None
     micro_batch_size: int = 8
@@ -121,6 +131,16 @@ class TrainingSection:
     # run starts from (fresh optimizer, step 0); ignored when output_dir has a checkpoint to
     # resume from. See training/init_from.py.
     init_from: str | None = None
+    # How a step runs; none of these changes the function trained (training/step.py):
+    # fast_step: static micro-step (inputs in fixed buffers, gradients accumulated by the runner,
+    # losses kept on the device); false = DeepSpeed's engine forward/backward per micro-step.
+    fast_step: bool = True
+    # The fast micro-step captured once as a CUDA graph and replayed (CUDA only; ignored on CPU).
+    cuda_graphs: bool = True
+    # BERT: LM head and cross entropy on the masked positions only (at most the masking budget per
+    # sequence), as NVIDIA's MLPerf BERT does; the loss is the same.
+    mlm_head_masked_only: bool = True
+    profile: ProfileSection = field(default_factory=ProfileSection)
 
 
 @dataclass
@@ -174,11 +194,15 @@ class RunConfig:
         d = self.to_dict()
         d.pop("output_dir")
         d.pop("run_name")
-        for k in ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_last"):
+        for k in ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_last", *PERFORMANCE_KEYS):
             d["training"].pop(k)
         d["data"].pop("cache_dir")
         d["data"].pop("num_workers")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# training.* keys that change how fast a step runs, not what it computes (left out of the config hash).
+PERFORMANCE_KEYS = ("fast_step", "cuda_graphs", "mlm_head_masked_only", "profile")
 
 
 def _positive(value: Any, path: str, allow_zero: bool = False) -> None:
@@ -357,6 +381,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
     for key in ("total_steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
                 "eval_interval", "eval_iters", "save_interval", "keep_last"):
         _positive(getattr(t, key), f"training.{key}")
+    starts = t.profile.start_step if isinstance(t.profile.start_step, list) else [t.profile.start_step]
+    for i, start in enumerate(starts):
+        _positive(start, "training.profile.start_step" + (f"[{i}]" if isinstance(t.profile.start_step, list) else ""))
+    _positive(t.profile.num_steps, "training.profile.num_steps")
     o = cfg.optimizer
     _positive(o.lr, "optimizer.lr")
     _positive(o.grad_clip, "optimizer.grad_clip", allow_zero=True)

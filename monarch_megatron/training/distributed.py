@@ -131,15 +131,30 @@ class MegatronMPU:
         return parallel_state.get_pipeline_model_parallel_group()
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, cuda_graph_safe: bool = False) -> None:
     """Seed torch's default generators and megatron's TP RNG tracker (dropout in TP regions).
 
     Called before building a model (the same seed on every rank gives the same global weights)
     and at every step with a seed derived from (run seed, step, DP rank), which makes dropout a
     pure function of the step: a resumed run draws exactly what an uninterrupted one would.
+
+    ``cuda_graph_safe``: the tracker keeps graph-safe generator states (megatron's
+    ``use_cudagraphable_rng``), and a tracker that already has them is reseeded *in place*: a
+    captured CUDA graph holds on to the state objects it was captured with (training/step.py).
     """
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    if not (cuda_graph_safe and torch.cuda.is_available()):
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    from megatron.core.tensor_parallel.random import is_graph_safe_cuda_rng_tracker
+
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    kept = dict(tracker.get_states()) if is_graph_safe_cuda_rng_tracker(tracker) else {}
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=True, force_reset_rng=not kept)
+    for name, fresh in list(tracker.states_.items()):
+        if name in kept:
+            kept[name].set_state(fresh.get_state())
+            tracker.states_[name] = kept[name]
 
 
 def step_seed(seed: int, step: int, dp_rank: int) -> int:

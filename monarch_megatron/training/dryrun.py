@@ -27,7 +27,7 @@ def dry_run_report(cfg: RunConfig) -> str:
              f"# config hash {cfg.config_hash()}", "", "# phase plan"]
     for ph in plan:
         p = count_parameters(cfg.model, cfg.vocab_size, ph.monarch)
-        flops = train_flops_per_sequence(cfg.model, cfg.vocab_size, ph.monarch, ph.seq_length) * ph.global_batch_size
+        flops = train_flops_per_sequence(cfg.model, cfg.vocab_size, ph.monarch, ph.seq_length, ph.head_positions) * ph.global_batch_size
         mon = "dense (stock megatron-core local spec)" if ph.monarch is None else \
             f"monarch layers={','.join(ph.monarch.layers)} nblocks={ph.monarch.nblocks}"
         lr0, lr1 = learning_rate(ph, ph.start, total), learning_rate(ph, ph.end - 1, total)

@@ -30,6 +30,10 @@ def deepspeed_config(cfg: RunConfig, phase: Phase, layout: Layout) -> dict[str, 
         "train_micro_batch_size_per_gpu": phase.micro_batch_size,
         "gradient_accumulation_steps": phase.grad_accumulation(layout.dp),
         "gradient_clipping": phase.optimizer.grad_clip,
+        # step() is the accumulation boundary (it reduces and applies whatever gradients the
+        # micro-steps accumulated), so the loop calls it once per optimizer step and the fast
+        # path can accumulate gradients outside engine.backward (training/step.py).
+        "managed_gradient_accumulation": False,
         "zero_optimization": {"stage": 1},
         # torch's AdamW / ZeroLamb are not in DeepSpeed's list; ZeroLamb is written for ZeRO partitions.
         "zero_allow_untested_optimizer": True,
@@ -87,12 +91,28 @@ def loss_scale(engine) -> float:
         return 1.0
 
 
-def grad_norm(engine) -> float | None:
-    """Global gradient norm of the last step (before clipping), or None if unknown."""
+def grad_norm(engine) -> torch.Tensor | float | None:
+    """Global gradient norm of the last step (before clipping), or None if unknown. A tensor stays
+    on the device (reading it would wait for the step to finish)."""
     value = engine.get_global_grad_norm()
-    if value is None:
-        return None
+    if value is None or torch.is_tensor(value):
+        return value
     return float(value)
+
+
+def hand_over_gradients(engine, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """Make ``grads`` (summed over the step's micro-batches and scaled as ``engine.backward``
+    scales them) the gradients the next ``engine.step()`` reduces and applies.
+
+    DeepSpeed's ZeRO-1 prepares its reduction buckets from per-parameter hooks that fire inside
+    autograd's gradient accumulation (``process_gradients`` -> ``setup_buckets``). The fast path
+    accumulates outside it (training/step.py), so that one piece of the hooks' work is done here.
+    """
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "setup_buckets"):
+        optimizer.setup_buckets()
 
 
 def release(engine) -> None:

@@ -73,8 +73,8 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, phase: str | None = Non
         for j in range(layout.dp_rank, n_micro, layout.dp):
             batch = torch.utils.data.default_collate([data.valid[i] for i in range(j * micro, (j + 1) * micro)])
             loss, values = forward_step(model, batch, cfg.model.kind)
-            for k, v in {"loss": float(loss), **values}.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k, v in {"loss": loss, **values}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)  # a sync per micro-batch: evaluation is not the hot path
     from megatron.core import parallel_state
 
     keys = sorted(sums)

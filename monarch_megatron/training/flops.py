@@ -50,11 +50,16 @@ def count_parameters(m: ModelSection, vocab: int, monarch: MonarchConfig | None)
     return {"total": total, "monarch": m.num_layers * mon, "dense_equivalent": shared + m.num_layers * layer_dense}
 
 
-def train_flops_per_sequence(m: ModelSection, vocab: int, monarch: MonarchConfig | None, seq: int) -> float:
-    """FLOPs of forward + backward (3 x forward) for one sequence of ``seq`` tokens."""
+def train_flops_per_sequence(m: ModelSection, vocab: int, monarch: MonarchConfig | None, seq: int,
+                             head_positions: int | None = None) -> float:
+    """FLOPs of forward + backward (3 x forward) for one sequence of ``seq`` tokens.
+
+    ``head_positions``: the positions the LM head runs on (BERT with ``mlm_head_masked_only``: the
+    masking budget); ``None`` = all ``seq``. Only the work done is counted, so MFU stays honest."""
     h = m.hidden_size
     v = _padded_vocab(m, vocab)
     linear = sum(w for w, _ in linear_weights(m, monarch).values())
     per_layer = 2 * seq * linear + 4 * seq * seq * h  # linears + (QK^T, AV)
-    head = 2 * seq * h * v + (2 * seq * h * h if m.kind == "bert" else 0)
+    head_seq = seq if head_positions is None else head_positions
+    head = 2 * head_seq * h * v + (2 * head_seq * h * h if m.kind == "bert" else 0)
     return 3.0 * (m.num_layers * per_layer + head)

@@ -30,9 +30,11 @@ from .distributed import Layout, all_reduce_mean, seed_everything, step_seed
 from .engine import grad_norm, loss_scale, set_learning_rate
 from .flops import train_flops_per_sequence
 from .init_from import check_init_from, load_init_weights
-from .metrics import Metrics, StepTimer, logger
+from .metrics import Metrics, StepClock, logger
 from .phases import Phase, build_plan, total_steps
+from .profiling import StepProfiler
 from .schedule import learning_rate
+from .step import build_micro_steps, captures_graphs
 from .switch import build_phase_engine, transition
 from .schema_io import to_plain
 
@@ -46,6 +48,12 @@ class Trainer:
         self.total = total_steps(self.plan)
         self.ckpt = CheckpointManager(cfg.output_dir, layout, cfg.training.keep_last)
         self.metrics = Metrics(cfg.output_dir, layout.is_logger, self.total)
+        self.profiler = StepProfiler(cfg.training.profile, cfg.output_dir, layout.rank, layout.is_logger)
+        # The stop flag is agreed on over a gloo group: a host-side collective, so checking it at
+        # every step does not make the host wait for the GPU.
+        self._signal_group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._signal_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         self.engine: Any = None
         self.optimizer_desc = ""
         self.step = 0
@@ -111,13 +119,27 @@ class Trainer:
         self._stop_signal = signum
 
     def _stop_requested(self) -> bool:
-        """True on every rank when any rank got SIGTERM / SIGUSR1 (one tiny all-reduce per step)."""
+        """True on every rank when any rank got SIGTERM / SIGUSR1 (a host-side all-reduce per step)."""
+        if self._signal_group is None:
+            return self._stop_signal > 0
         flag = torch.tensor([float(self._stop_signal)])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._signal_group)
         return bool(flag.item() > 0)
+
+    def _flush_metrics(self) -> None:
+        """Write the steps queued since the last flush (waits for them to finish on the device)."""
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_data_parallel_group()
+
+        def dp_mean(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(torch.float64)
+            if dist.is_initialized() and dist.get_world_size(group) > 1:
+                dist.all_reduce(t, group=group)
+                t /= dist.get_world_size(group)
+            return t
+
+        self.metrics.flush_steps(dp_mean)
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -130,55 +152,62 @@ class Trainer:
         sums: dict[str, float] = {}
         batches = self.data(phase).valid_micro_batches()
         for batch in batches:
-            loss, values = forward_step(module, batch, self.cfg.model.kind)
-            for k, v in {"loss": float(loss), **values}.items():
-                sums[k] = sums.get(k, 0.0) + v / len(batches)
+            loss, values = forward_step(module, batch, self.cfg.model.kind, masked_positions_bound=phase.head_positions)
+            for k, v in {"loss": loss, **values}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / len(batches)  # a sync per batch: not the hot path
         module.train()
         keys = sorted(sums)
         return dict(zip(keys, all_reduce_mean([sums[k] for k in keys], parallel_state.get_data_parallel_group())))
 
     # -- training --------------------------------------------------------------------------------
     def train_phase(self, phase: Phase) -> bool:
-        """Train from ``self.step`` to the end of ``phase``; True if stopped by a signal."""
-        from megatron.core import parallel_state
+        """Train from ``self.step`` to the end of ``phase``; True if stopped by a signal.
 
+        One step: the micro-steps (training/step.py) leave the step's gradients and its losses on
+        the device, ``engine.step()`` reduces and applies the gradients. Nothing waits for the
+        device except where the log, a validation, a checkpoint or the profiler needs its values.
+        """
         cfg, lay, t = self.cfg, self.layout, self.cfg.training
-        dp_group = parallel_state.get_data_parallel_group()
         batches = self.data(phase).train_micro_batches(self.step - phase.start)
         acc = phase.grad_accumulation(lay.dp)
         tokens = phase.global_batch_size * phase.seq_length
-        flops = train_flops_per_sequence(cfg.model, cfg.vocab_size, phase.monarch, phase.seq_length) * phase.global_batch_size
-        timer = StepTimer()
+        flops = train_flops_per_sequence(cfg.model, cfg.vocab_size, phase.monarch, phase.seq_length,
+                                         phase.head_positions) * phase.global_batch_size
+        graph_safe_rng = captures_graphs(cfg)
+        runner = build_micro_steps(cfg, self.engine, phase.head_positions)
         self.engine.train()
-        while self.step < phase.end:
-            timer.start()
-            seed_everything(step_seed(cfg.seed, self.step, lay.dp_rank))
-            lr = learning_rate(phase, self.step, self.total)
-            set_learning_rate(self.engine, lr)
-            sums: dict[str, float] = {}
-            for _ in range(acc):
-                loss, values = forward_step(self.engine, next(batches), cfg.model.kind)
-                self.engine.backward(loss)
+        try:
+            while self.step < phase.end:
+                self.profiler.step_begin(self.step + 1)
+                start = StepClock.mark()
+                seed_everything(step_seed(cfg.seed, self.step, lay.dp_rank), cuda_graph_safe=graph_safe_rng)
+                lr = learning_rate(phase, self.step, self.total)
+                set_learning_rate(self.engine, lr)
+                values = runner.run(batches, acc)
                 self.engine.step()
-                for k, v in {"loss": float(loss.detach()), **values}.items():
-                    sums[k] = sums.get(k, 0.0) + v / acc
-            keys = sorted(sums)
-            means = dict(zip(keys, all_reduce_mean([sums[k] for k in keys], dp_group)))
-            seconds = timer.stop()
-            self.step += 1
-            means.update({"learning-rate": lr, "loss-scale": loss_scale(self.engine), "grad-norm": grad_norm(self.engine)})
-            self.metrics.train_step(self.step, phase.index, means, seconds, tokens, flops, lay.world)
-            if self.step % t.log_interval == 0 or self.step == phase.end:
-                self.metrics.progress_line(self.step, phase.name)
-            if self.step % t.eval_interval == 0:
-                self.metrics.validation(self.step, self.validate(phase), phase.name)
-            if self.step % t.save_interval == 0 and self.step != phase.end:
-                self.save(phase)
-            if self._stop_requested():
-                # The caller saves (at a phase's last step too: that is the phase-end checkpoint).
-                logger.info("signal %d received: saving and exiting at step %d", self._stop_signal, self.step)
-                return True
-        return False
+                self.step += 1
+                optimizer_values = {"learning-rate": lr, "loss-scale": loss_scale(self.engine),
+                                    "grad-norm": grad_norm(self.engine)}
+                self.metrics.train_step(self.step, phase.index, values, runner.names, optimizer_values,
+                                        (start, StepClock.mark()), tokens, flops, lay.world)
+                self.profiler.step_end(self.step)
+                if self.step % t.log_interval == 0 or self.step == phase.end:
+                    self._flush_metrics()
+                    self.metrics.progress_line(self.step, phase.name)
+                if self.step % t.eval_interval == 0:
+                    self.metrics.validation(self.step, self.validate(phase), phase.name)
+                if self.step % t.save_interval == 0 and self.step != phase.end:
+                    self._flush_metrics()
+                    self.save(phase)
+                if self._stop_requested():
+                    # The caller saves (at a phase's last step too: that is the phase-end checkpoint).
+                    self._flush_metrics()
+                    logger.info("signal %d received: saving and exiting at step %d", self._stop_signal, self.step)
+                    return True
+            return False
+        finally:
+            self._flush_metrics()
+            runner.close()
 
     def _start(self) -> Phase:
         """Build the engine for the first step to run: fresh, or from the latest checkpoint."""
@@ -244,6 +273,7 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+            self.profiler.close()
             self.metrics.close()
 
     def _run(self) -> dict[str, Any]:

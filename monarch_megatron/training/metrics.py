@@ -58,6 +58,7 @@ class Metrics:
         self.jsonl = None
         self._window: list[dict[str, float]] = []
         self._times: list[float] = []
+        self._pending: list[tuple] = []
         if is_logger:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -74,26 +75,44 @@ class Metrics:
             self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
             self.jsonl.flush()
 
-    def train_step(self, step: int, phase_index: int, values: dict[str, float], seconds: float,
-                   tokens: int, flops: float, world: int) -> None:
-        """Record completed global step ``step`` (1-based) of ``phase_index``.
+    def train_step(self, step: int, phase_index: int, values: torch.Tensor, names: tuple[str, ...],
+                   optimizer_values: dict[str, Any], timing: tuple[Any, Any], tokens: int, flops: float,
+                   world: int) -> None:
+        """Queue completed global step ``step`` (1-based) of ``phase_index``; nothing is read from
+        the device until :meth:`flush` (so a step never waits for the GPU to finish).
 
-        ``values`` holds the DP-averaged ``lm loss`` / ``sop loss`` / ``loss`` and the optimizer's
-        ``learning-rate``, ``loss-scale``, ``grad-norm``; ``tokens`` / ``flops`` are per step, whole job.
+        ``values``: ``[len(names)]`` device tensor of this rank's step means (``loss``, ``lm loss``,
+        ...); ``optimizer_values``: ``learning-rate``, ``loss-scale``, ``grad-norm`` (floats or device
+        scalars); ``timing``: the step's (start, stop) marks of a :class:`StepClock`; ``tokens`` /
+        ``flops``: per step, whole job.
         """
+        self._pending.append((step, phase_index, values, names, optimizer_values, timing, tokens, flops, world))
+
+    def flush_steps(self, reduce_mean) -> None:
+        """Read the queued steps back (one synchronisation), average their losses over data-parallel
+        ranks with ``reduce_mean`` (``[steps, n]`` tensor -> same, one collective on every rank),
+        and write them (TensorBoard, metrics.jsonl, the window of the next progress line)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        table = reduce_mean(torch.stack([p[2] for p in pending])).tolist()
         if not self.is_logger:
             return
-        tps = tokens / seconds if seconds > 0 else 0.0
-        tflops = flops / seconds / world / 1e12 if seconds > 0 else 0.0
-        row = {**values, "iteration-time": seconds, "tokens-per-sec": tps, "throughput": tflops, "phase": phase_index}
-        if torch.cuda.is_available():
-            row["max-memory-gb"] = torch.cuda.max_memory_allocated() / 2**30  # GiB, peak of the phase
-        for name, v in row.items():
-            if name != "loss" and v is not None:
-                self.scalar(name, v, step)
-        self.record("train", step, row)
-        self._window.append(row)
-        self._times.append(seconds)
+        for (step, phase_index, _, names, opt, (t0, t1), tokens, flops, world), row_values in zip(pending, table):
+            seconds = StepClock.seconds(t0, t1)
+            tps = tokens / seconds if seconds > 0 else 0.0
+            tflops = flops / seconds / world / 1e12 if seconds > 0 else 0.0
+            row = dict(zip(names, row_values))
+            row.update({k: (float(v) if torch.is_tensor(v) else v) for k, v in opt.items()})
+            row.update({"iteration-time": seconds, "tokens-per-sec": tps, "throughput": tflops, "phase": phase_index})
+            if torch.cuda.is_available():
+                row["max-memory-gb"] = torch.cuda.max_memory_allocated() / 2**30  # GiB, peak of the phase
+            for name, v in row.items():
+                if name != "loss" and v is not None:
+                    self.scalar(name, v, step)
+            self.record("train", step, row)
+            self._window.append(row)
+            self._times.append(seconds)
 
     def progress_line(self, step: int, phase_name: str) -> None:
         """Console line averaging the steps since the previous line."""
@@ -139,21 +158,22 @@ class Metrics:
             self.jsonl = None
 
 
-class StepTimer:
-    """Wall time of one step (synchronising the accelerator for honest numbers)."""
-
-    def __init__(self) -> None:
-        self.t0 = 0.0
-
-    def start(self) -> None:
-        self._sync()
-        self.t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        self._sync()
-        return time.perf_counter() - self.t0
+class StepClock:
+    """Step times without synchronising: on CUDA a pair of timing events per step (recorded in
+    stream order, read at flush time), on CPU the host clock (CPU work is synchronous)."""
 
     @staticmethod
-    def _sync() -> None:
+    def mark() -> Any:
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    @staticmethod
+    def seconds(start: Any, stop: Any) -> float:
+        """Seconds between two marks (waits for ``stop`` on CUDA)."""
+        if isinstance(start, float):
+            return stop - start
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3

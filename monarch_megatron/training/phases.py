@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.masking import masked_positions_bound
 from ..models.config import MonarchConfig
 from .config import (
     OptimizerSection,
@@ -36,6 +37,9 @@ class Phase:
     schedule: ScheduleSection
     optimizer_state: str
     rewarmup_steps: int
+    # Positions per sequence the LM head runs on: BERT with training.mlm_head_masked_only, the
+    # masking budget at this sequence length; None = every position.
+    head_positions: int | None = None
 
     @property
     def kind(self) -> str:
@@ -62,14 +66,18 @@ def build_plan(cfg: RunConfig) -> list[Phase]:
     plan, start = [], 0
     for i, (ph, n) in enumerate(zip(cfg.phases, phase_steps(cfg))):
         t = cfg.training
+        seq = ph.seq_length or t.seq_length
+        head = None
+        if cfg.model.kind == "bert" and t.mlm_head_masked_only:
+            head = masked_positions_bound(seq, cfg.data.masked_lm_prob)
         monarch = None if ph.monarch is None else MonarchConfig(layers=tuple(ph.monarch.layers), nblocks=ph.monarch.nblocks)
         plan.append(Phase(
             index=i, name=ph.name, start=start, steps=n, monarch=monarch,
-            seq_length=ph.seq_length or t.seq_length,
+            seq_length=seq,
             micro_batch_size=ph.micro_batch_size or t.micro_batch_size,
             global_batch_size=ph.global_batch_size or t.global_batch_size,
             optimizer=resolved_optimizer(cfg, i), schedule=resolved_schedule(cfg, i),
-            optimizer_state=ph.optimizer_state, rewarmup_steps=ph.rewarmup_steps,
+            optimizer_state=ph.optimizer_state, rewarmup_steps=ph.rewarmup_steps, head_positions=head,
         ))
         start += n
     return plan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -60,6 +61,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     os.makedirs(cfg.output_dir, exist_ok=True)
     setup_logging(cfg.output_dir, layout.is_logger)
     try:
-        return Trainer(cfg, layout).run()
+        # All GPU work of the run on one stream of its own, never the legacy default stream: CUDA
+        # graphs are captured on it (training/step.py says why).
+        with torch.cuda.stream(torch.cuda.Stream()) if torch.cuda.is_available() else contextlib.nullcontext():
+            return Trainer(cfg, layout).run()
     finally:
         shutdown()

@@ -29,6 +29,7 @@ from ..models import build_model, forward_step
 from .distributed import all_reduce_mean, seed_everything
 from .engine import build_engine, release
 from .phases import Phase
+from .step import monarch_options
 
 
 def full_precision_params(engine, precision: str) -> dict[str, torch.Tensor]:
@@ -80,7 +81,7 @@ def next_phase_weights(engine, old: Phase, new: Phase, precision: str) -> dict[s
 def build_phase_engine(cfg, model_cfg, phase: Phase, layout, weights: dict[str, torch.Tensor] | None):
     """Build the model and engine of ``phase``; load ``weights`` (full precision) if given."""
     seed_everything(cfg.seed)
-    model = build_model(model_cfg, phase.monarch, cfg.precision.dtype)
+    model = build_model(model_cfg, phase.monarch, cfg.precision.dtype, monarch_options=monarch_options(cfg))
     if weights is not None:
         dtypes = {k: v.dtype for k, v in model.state_dict().items() if torch.is_tensor(v)}
         model.load_state_dict({k: (v.to(dtypes[k]) if torch.is_tensor(v) and k in dtypes else v)
