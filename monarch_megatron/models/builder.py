@@ -26,13 +26,34 @@ from ..parallel import (
     get_bert_layer_spec,
     get_gpt_layer_spec,
 )
+from . import cross_entropy as fused_ce
 from .config import ModelConfig, MonarchConfig
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class SDPABertModel(BertModel):
-    """megatron-core ``BertModel`` that also accepts :class:`SDPACoreAttention` as core attention.
+class _FusedLossMixin:
+    """megatron-core's ``compute_language_model_loss`` (labels ``[b, s]``, logits ``[s, b, V/tp]`` ->
+    loss ``[b, s]``) through the two-pass Triton kernels of :mod:`.cross_entropy` where they apply
+    (``fused_cross_entropy`` set, CUDA, TP = 1), else megatron-core's own function."""
+
+    fused_cross_entropy: bool = False
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.fused_cross_entropy and fused_ce.applies(logits, parallel_state.get_tensor_model_parallel_world_size()):
+            labels_sb = labels.transpose(0, 1)
+            loss = fused_ce.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_sb.reshape(-1))
+            return loss.view(labels_sb.shape).transpose(0, 1).contiguous()
+        return super().compute_language_model_loss(labels, logits)
+
+
+class FusedLossGPTModel(_FusedLossMixin, GPTModel):
+    """megatron-core ``GPTModel`` with the fused vocabulary cross entropy (:class:`_FusedLossMixin`)."""
+
+
+class SDPABertModel(_FusedLossMixin, BertModel):
+    """megatron-core ``BertModel`` that also accepts :class:`SDPACoreAttention` as core attention,
+    with the fused vocabulary cross entropy (:class:`_FusedLossMixin`).
 
     ``BertModel`` picks its attention-mask layout by comparing the spec's core attention with its
     own ``DotProductAttention`` and otherwise asks Transformer Engine's version (which fails where
@@ -83,6 +104,7 @@ def build_model(
     *,
     attention: str = "auto",
     monarch_options: MonarchOptions | None = None,
+    fused_cross_entropy: bool = False,
 ) -> BertModel | GPTModel:
     """A megatron-core ``BertModel`` (masked LM, sentence-order head if ``model_cfg.sentence_order``)
     or ``GPTModel`` with Monarch linears where ``monarch`` says (dense everywhere if ``None``).
@@ -91,7 +113,8 @@ def build_model(
     ``precision``'s dtype and moved to the current CUDA device where CUDA is available. Call
     ``torch.manual_seed(seed)`` (the same on every TP rank) first: it fixes the global weights.
     ``attention`` picks the core attention (:func:`monarch_megatron.parallel.core_attention_module`);
-    ``monarch_options`` how the Monarch linears multiply (None: the process default).
+    ``monarch_options`` how the Monarch linears multiply (None: the process default);
+    ``fused_cross_entropy`` takes the LM loss through :mod:`.cross_entropy` where it applies.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     vocab = model_cfg.padded_vocab_size
@@ -113,7 +136,7 @@ def build_model(
             parallel_output=True,
         )
     else:
-        model = GPTModel(
+        model = FusedLossGPTModel(
             config=config,
             transformer_layer_spec=get_gpt_layer_spec(monarch, attention, monarch_options),
             vocab_size=vocab,
@@ -122,6 +145,7 @@ def build_model(
             parallel_output=True,
             position_embedding_type="learned_absolute",
         )
+    model.fused_cross_entropy = fused_cross_entropy
     # Some submodules (plain torch layers: position embeddings, pooler, LM-head dense) ignore
     # params_dtype; cast everything once. Master init was fp32, so this is the same cast.
     model.to(dtype=PRECISIONS[precision])

@@ -127,6 +127,9 @@ class TrainingSection:
     save_interval: int = 100
     keep_last: int = 3
     save_at_switch: bool = True
+    # Stop the run (exit code 3, nothing saved) after this many consecutive steps with a non-finite
+    # loss or gradient norm; fp16's overflow-skipped steps do not count (training/guard.py).
+    max_nonfinite_steps: int = 3
     # A checkpoint directory (the trainer's or convert_checkpoint.py's) whose model weights a NEW
     # run starts from (fresh optimizer, step 0); ignored when output_dir has a checkpoint to
     # resume from. See training/init_from.py.
@@ -140,6 +143,9 @@ class TrainingSection:
     # BERT: LM head and cross entropy on the masked positions only (at most the masking budget per
     # sequence), as NVIDIA's MLPerf BERT does; the loss is the same.
     mlm_head_masked_only: bool = True
+    # The LM loss by two-pass Triton kernels instead of megatron-core's fp32 passes (CUDA, TP = 1:
+    # models/cross_entropy.py); same loss to fp32 rounding.
+    fused_cross_entropy: bool = True
     profile: ProfileSection = field(default_factory=ProfileSection)
 
 
@@ -194,7 +200,8 @@ class RunConfig:
         d = self.to_dict()
         d.pop("output_dir")
         d.pop("run_name")
-        for k in ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_last", *PERFORMANCE_KEYS):
+        for k in ("log_interval", "eval_interval", "eval_iters", "save_interval", "keep_last", "max_nonfinite_steps",
+                  *PERFORMANCE_KEYS):
             d["training"].pop(k)
         d["data"].pop("cache_dir")
         d["data"].pop("num_workers")
@@ -202,7 +209,7 @@ class RunConfig:
 
 
 # training.* keys that change how fast a step runs, not what it computes (left out of the config hash).
-PERFORMANCE_KEYS = ("fast_step", "cuda_graphs", "mlm_head_masked_only", "profile")
+PERFORMANCE_KEYS = ("fast_step", "cuda_graphs", "mlm_head_masked_only", "fused_cross_entropy", "profile")
 
 
 def _positive(value: Any, path: str, allow_zero: bool = False) -> None:
@@ -229,6 +236,7 @@ def _validate_model(cfg: RunConfig) -> None:
     for key in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(m, key) < 1.0:
             raise ConfigError(f"model.{key}", f"must be in [0, 1), got {getattr(m, key)}")
+    _positive(m.init_method_std, "model.init_method_std")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError("model.num_attention_heads",
                           f"hidden_size={m.hidden_size} is not divisible by num_attention_heads={m.num_attention_heads}")
@@ -366,6 +374,32 @@ def resolved_schedule(cfg: RunConfig, i: int) -> ScheduleSection:
                  f"phases[{i}].lr_schedule")
 
 
+def _validate_optimizer(o: OptimizerSection, path: str) -> None:
+    _positive(o.lr, f"{path}.lr")
+    _positive(o.eps, f"{path}.eps")
+    _positive(o.weight_decay, f"{path}.weight_decay", allow_zero=True)
+    _positive(o.grad_clip, f"{path}.grad_clip", allow_zero=True)
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"{path}.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+
+
+def _validate_schedule(s: ScheduleSection, path: str) -> None:
+    if not 0.0 <= s.warmup_fraction < 1.0:
+        raise ConfigError(f"{path}.warmup_fraction", f"must be in [0, 1), got {s.warmup_fraction}")
+    _positive(s.warmup_steps, f"{path}.warmup_steps", allow_zero=True)
+    _positive(s.power, f"{path}.power")
+    _positive(s.min_lr, f"{path}.min_lr", allow_zero=True)
+
+
+def _validate_precision(p: PrecisionSection) -> None:
+    _positive(p.initial_loss_scale_power, "precision.initial_loss_scale_power", allow_zero=True)
+    if p.initial_loss_scale_power > 64:
+        raise ConfigError("precision.initial_loss_scale_power", f"must be at most 64, got {p.initial_loss_scale_power}")
+    for key in ("loss_scale_window", "hysteresis", "min_loss_scale"):
+        _positive(getattr(p, key), f"precision.{key}")
+
+
 def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
     """Semantic checks; ``world_size`` defaults to :func:`launch_world_size`. Returns ``cfg``."""
     world = world_size or launch_world_size(cfg)
@@ -379,22 +413,20 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
                           f"tensor_model_parallel_size={tp} does not divide the world size {world}")
     t = cfg.training
     for key in ("total_steps", "micro_batch_size", "global_batch_size", "seq_length", "log_interval",
-                "eval_interval", "eval_iters", "save_interval", "keep_last"):
+                "eval_interval", "eval_iters", "save_interval", "keep_last", "max_nonfinite_steps"):
         _positive(getattr(t, key), f"training.{key}")
     starts = t.profile.start_step if isinstance(t.profile.start_step, list) else [t.profile.start_step]
     for i, start in enumerate(starts):
         _positive(start, "training.profile.start_step" + (f"[{i}]" if isinstance(t.profile.start_step, list) else ""))
     _positive(t.profile.num_steps, "training.profile.num_steps")
-    o = cfg.optimizer
-    _positive(o.lr, "optimizer.lr")
-    _positive(o.grad_clip, "optimizer.grad_clip", allow_zero=True)
-    for key in ("beta1", "beta2"):
-        if not 0.0 <= getattr(o, key) < 1.0:
-            raise ConfigError(f"optimizer.{key}", f"must be in [0, 1), got {getattr(o, key)}")
-    s = cfg.lr_schedule
-    if not 0.0 <= s.warmup_fraction < 1.0:
-        raise ConfigError("lr_schedule.warmup_fraction", f"must be in [0, 1), got {s.warmup_fraction}")
-    _positive(s.warmup_steps, "lr_schedule.warmup_steps", allow_zero=True)
+    _validate_optimizer(cfg.optimizer, "optimizer")
+    _validate_schedule(cfg.lr_schedule, "lr_schedule")
+    for i in range(len(cfg.phases)):  # a phase's overrides on top of the run's sections
+        _validate_optimizer(resolved_optimizer(cfg, i), f"phases[{i}].optimizer")
+        _validate_schedule(resolved_schedule(cfg, i), f"phases[{i}].lr_schedule")
+    _validate_precision(cfg.precision)
+    if not 0 <= cfg.seed < 2**31:
+        raise ConfigError("seed", f"must be in [0, 2**31), got {cfg.seed}")
     d = cfg.data
     if d.source == "indexed" and not d.prefix:
         raise ConfigError("data.prefix", "required when data.source is 'indexed' (the preprocess --output-prefix)")
@@ -404,6 +436,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> RunConfig:
         raise ConfigError("data.split", f"must be two positive weights [train, valid], got {d.split}")
     if not 0.0 < d.masked_lm_prob < 1.0:
         raise ConfigError("data.masked_lm_prob", f"must be in (0, 1), got {d.masked_lm_prob}")
+    if not 0.0 <= d.short_seq_prob <= 1.0:
+        raise ConfigError("data.short_seq_prob", f"must be in [0, 1], got {d.short_seq_prob}")
+    _positive(d.masking_max_ngram, "data.masking_max_ngram")
+    _positive(d.num_workers, "data.num_workers", allow_zero=True)
+    _positive(d.vocab_size, "data.vocab_size")
     _validate_model(cfg)
     _validate_phases(cfg, world)
     return cfg
