@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -31,3 +32,11 @@ def metrics_by_step(out: str, kind: str) -> dict[int, dict]:
             if row["kind"] == kind:
                 found[row["step"]] = row
     return found
+
+
+def load_launcher(name: str):
+    """``launcher/<name>.py`` as a module (its ``main(argv)`` runs the command in this process)."""
+    spec = importlib.util.spec_from_file_location(f"launcher_{name}", os.path.join(ROOT, "launcher", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

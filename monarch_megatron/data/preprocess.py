@@ -161,6 +161,8 @@ def preprocess_corpus(
         raise ValueError("give exactly one of tokenizer_model and vocab_size")
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"input file not found: {input_path}")
+    if next(iter_documents(input_path), None) is None:
+        raise CorpusFormatError(f"{input_path} holds no documents (no non-empty text): nothing to preprocess")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
 
     if tokenizer_model is None:
@@ -236,8 +238,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not os.path.isfile(args.input):
         print(f"error: input file not found: {args.input}", file=sys.stderr)
         return 2
-    if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):
-        print(f"error: tokenizer model not found: {args.tokenizer_model}", file=sys.stderr)
+    if args.tokenizer_model is not None:
+        from monarch_megatron.data.validate import DataError, check_tokenizer
+
+        try:
+            check_tokenizer(args.tokenizer_model)
+        except DataError as err:
+            print(f"error: tokenizer model: {err}", file=sys.stderr)
+            return 2
+    if args.train_tokenizer is not None and args.train_tokenizer < 300:
+        print(f"error: --train-tokenizer {args.train_tokenizer}: the vocabulary needs at least 300 pieces "
+              "(256 byte-fallback pieces, the special tokens and some text)", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print(f"error: --workers {args.workers}: must be at least 1", file=sys.stderr)
         return 2
     try:
         summary = preprocess_corpus(
@@ -245,7 +259,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.output_prefix,
             tokenizer_model=args.tokenizer_model,
             vocab_size=args.train_tokenizer,
-            workers=max(1, args.workers),
+            workers=args.workers,
             split_sentences_=args.split_sentences,
             progress=not args.no_progress,
         )

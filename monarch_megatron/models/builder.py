@@ -68,8 +68,14 @@ class SDPABertModel(_FusedLossMixin, BertModel):
         return super()._sanity_check_attention_and_get_attn_mask_dimension()
 
 
-def transformer_config(model_cfg: ModelConfig, precision: str = "fp32") -> TransformerConfig:
-    """megatron ``TransformerConfig`` for ``model_cfg`` at the current TP size (parallel_state)."""
+def transformer_config(model_cfg: ModelConfig, precision: str = "fp32", *,
+                       fused_bias_dropout: bool = False) -> TransformerConfig:
+    """megatron ``TransformerConfig`` for ``model_cfg`` at the current TP size (parallel_state).
+
+    ``fused_bias_dropout``: megatron-core's own fused bias + dropout + residual add
+    (``bias_dropout_fusion``: one compiled kernel, torch.compile via its ``jit_fuser``, instead of
+    three passes, two of them broadcasting); the same function (a different dropout stream).
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got precision={precision!r}")
     return TransformerConfig(
@@ -91,7 +97,7 @@ def transformer_config(model_cfg: ModelConfig, precision: str = "fp32") -> Trans
         # used everywhere so that CPU and GPU run the same code.
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        bias_dropout_fusion=fused_bias_dropout,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
@@ -105,6 +111,7 @@ def build_model(
     attention: str = "auto",
     monarch_options: MonarchOptions | None = None,
     fused_cross_entropy: bool = False,
+    fused_bias_dropout: bool = False,
 ) -> BertModel | GPTModel:
     """A megatron-core ``BertModel`` (masked LM, sentence-order head if ``model_cfg.sentence_order``)
     or ``GPTModel`` with Monarch linears where ``monarch`` says (dense everywhere if ``None``).
@@ -114,7 +121,8 @@ def build_model(
     ``torch.manual_seed(seed)`` (the same on every TP rank) first: it fixes the global weights.
     ``attention`` picks the core attention (:func:`monarch_megatron.parallel.core_attention_module`);
     ``monarch_options`` how the Monarch linears multiply (None: the process default);
-    ``fused_cross_entropy`` takes the LM loss through :mod:`.cross_entropy` where it applies.
+    ``fused_cross_entropy`` takes the LM loss through :mod:`.cross_entropy` where it applies;
+    ``fused_bias_dropout`` see :func:`transformer_config`.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     vocab = model_cfg.padded_vocab_size
@@ -123,7 +131,7 @@ def build_model(
             f"padded vocab size {vocab} (make_vocab_size_divisible_by="
             f"{model_cfg.make_vocab_size_divisible_by}) is not divisible by tp_size={tp}"
         )
-    config = transformer_config(model_cfg, precision)
+    config = transformer_config(model_cfg, precision, fused_bias_dropout=fused_bias_dropout)
     if model_cfg.kind == "bert":
         model = SDPABertModel(
             config=config,

@@ -13,8 +13,9 @@ its gradient to bf16 whatever the dtype; Transformer Engine's is not installed h
 
 Scope: the vocabulary of one tensor-parallel rank holds the whole vocabulary (TP = 1), on CUDA or
 under the Triton interpreter; everything else takes megatron-core's function (``applies``).
-Shapes: ``logits [N, V]`` (any float dtype, rows contiguous), ``labels [N]`` int in ``[0, V)``;
-returns the per-row loss ``[N]`` in fp32, ``lse[n] - logits[n, labels[n]]``.
+Shapes: ``logits [N, V]`` (any float dtype, rows contiguous), ``labels [N]`` int; returns the
+per-row loss ``[N]`` in fp32, ``lse[n] - logits[n, labels[n]]`` (a label outside ``[0, V)`` counts
+a target logit of 0 and no one-hot in the gradient, megatron-core's convention).
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ if triton is not None:
         total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - row_max)), 0)
         lse = row_max + tl.log(total)
         label = tl.load(labels_ptr + row).to(tl.int64)
-        target = tl.load(base + label).to(tl.float32)
+        # A label outside the vocabulary (BERT's -1 on unmasked positions, which the loss mask
+        # drops) reads nothing and counts a target logit of 0, as megatron-core's function does.
+        valid = (label >= 0) & (label < V)
+        target = tl.load(base + tl.where(valid, label, 0), mask=valid, other=0.0).to(tl.float32)
         tl.store(loss_ptr + row, lse - target)
         tl.store(lse_ptr + row, lse)
 

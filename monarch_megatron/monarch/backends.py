@@ -11,7 +11,8 @@ Paths (each a module that knows nothing of this one):
 ``"fused"``), or ``"auto"``, whose rule comes from the measurements of benchmarks/RESULTS.md
 ("Issue 7, v5"; H100, bf16, 16384 tokens):
 
-- CPU, the Triton interpreter, GPUs without TMA, fp32 or shapes the TMA path refuses: ``"torch"``.
+- CPU, the Triton interpreter, GPUs without TMA, fp32, complex dtypes or shapes the TMA path
+  refuses: ``"torch"``.
 - Hopper, bf16/fp16, :func:`supports` and the shape rule of :func:`tma_pays_off` (power-of-two
   chunks ``q/l``, blocks ``p`` a multiple of 64): in GPU time the TMA path beat or tied the torch
   path at every such shape, nblocks 2, 4 and 8, both output orders. So under CUDA graphs
@@ -82,11 +83,15 @@ def resolve_backend(options: MonarchOptions, x: torch.Tensor, w1: torch.Tensor, 
     does can be added without changing callers.
 
     Raises ``RuntimeError`` for a Triton path where Triton is not importable and ``ValueError`` for
-    ``backend="tma"`` on operands the TMA path cannot run.
+    ``backend="tma"`` on operands the TMA path cannot run, or for a Triton path (``"tma"``,
+    ``"fused"``, ``"triton"``) on complex operands (only the torch path takes them; ``"auto"`` picks it).
     """
     backend = options.backend
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and x.is_complex()):
         return "torch"
+    if x.is_complex():
+        raise ValueError(f"backend={backend!r} does not support complex dtype {x.dtype} (the Triton kernels are "
+                         "real-valued); use backend='torch' or 'auto', which run complex Monarch matrices")
     if backend == "auto":
         if not x.is_cuda:  # before any Triton import: a CPU run never loads the kernels
             return "torch"

@@ -6,9 +6,13 @@ block ``i`` to output block ``j`` is ``sum_{f in S_ij} w2[j][:, m(f)] (outer) w1
 ``S_ij = {f in [i*q, (i+1)*q) : f % l == j}``: a matrix of rank at most ``|S_ij|``. Every row of
 ``w1`` and every column of ``w2`` belongs to exactly one pair ``(i, j)``, so the pairs are independent
 and the best Monarch approximation in Frobenius norm replaces each sub-block by its best
-rank-``|S_ij|`` approximation (Eckart-Young), split as ``U sqrt(S)`` into ``w2`` and ``sqrt(S) V^T``
+rank-``|S_ij|`` approximation (Eckart-Young), split as ``U sqrt(S)`` into ``w2`` and ``sqrt(S) V^H``
 into ``w1``. Zero padding of inputs/outputs adds zero rows/columns, which change no singular vectors
 of the real part, so padded entries come out zero.
+
+Complex matrices are projected by the complex SVD (the same argument holds with ``V^H`` for
+``V^T``; the multiply involves no conjugation): so the DFT, whose columns permuted by swapping the
+axes of a ``sqrt(n) x sqrt(n)`` grid give a Monarch matrix, is recovered exactly.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def project_to_monarch(
 
     Returns:
         ``(w1, w2)`` with shapes from :func:`monarch_factor_shapes`, in ``weight``'s dtype; the
-        SVDs run in float64.
+        SVDs run in float64 (complex128 for complex weights).
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -76,8 +80,9 @@ def project_to_monarch(
     shp = monarch_factor_shapes(in_features, out_features, nblocks)
     k, q, p, l, s, r = shp.k, shp.q, shp.p, shp.l, shp.s, shp.r
     dev = weight.device
-    w = torch.zeros(shp.padded_out, shp.padded_in, dtype=torch.float64, device=dev)
-    w[:out_features, :in_features] = weight.to(torch.float64)
+    work = torch.complex128 if weight.is_complex() else torch.float64
+    w = torch.zeros(shp.padded_out, shp.padded_in, dtype=work, device=dev)
+    w[:out_features, :in_features] = weight.to(work)
     # blocks[j, i] is the (s, p) sub-block joining input block i to output block j.
     rows = w[_output_positions(l, s, output_permutation, dev).reshape(-1)]  # (l*s, k*p)
     blocks = rows.view(l, s, k, p).permute(0, 2, 1, 3)  # (l, k, s, p)
@@ -93,8 +98,8 @@ def project_to_monarch(
     keep = rho < rank_cap  # more channels than min(s, p): the extra ones carry nothing
     rho_c = rho.clamp(max=rank_cap - 1)
     scale = torch.where(keep, root[j, i, rho_c], torch.zeros((), dtype=torch.float64, device=dev))
-    w1 = torch.zeros(k, q, p, dtype=torch.float64, device=dev)
+    w1 = torch.zeros(k, q, p, dtype=work, device=dev)
     w1[i, c] = scale.unsqueeze(-1) * vh[j, i, rho_c]
-    w2 = torch.zeros(l, s, r, dtype=torch.float64, device=dev)
+    w2 = torch.zeros(l, s, r, dtype=work, device=dev)
     w2[j, :, m] = scale.unsqueeze(-1) * u[j, i, :, rho_c]
     return w1.to(weight.dtype), w2.to(weight.dtype)

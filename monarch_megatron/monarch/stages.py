@@ -26,7 +26,8 @@ def second_stage(v: torch.Tensor, w2: torch.Tensor, output_permutation: bool) ->
 def second_stage_grads(grad_out: torch.Tensor, v: torch.Tensor, w2: torch.Tensor, output_permutation: bool,
                        need_w2: bool, need_v: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`second_stage`: ``(dw2, dv)`` (``None`` where not needed).
-    ``grad_out: (n, l*s)``, ``v: (n, l, r)``, ``w2: (l, s, r)``; ``dv`` is ``(n, l, r)``."""
+    ``grad_out: (n, l*s)``, ``v: (n, l, r)``, ``w2: (l, s, r)``; ``dv`` is ``(n, l, r)``. Complex
+    operands enter conjugated (PyTorch's convention; a no-op for real ones)."""
     l, s, r = w2.shape
     n = v.shape[0]
     if output_permutation:
@@ -34,9 +35,9 @@ def second_stage_grads(grad_out: torch.Tensor, v: torch.Tensor, w2: torch.Tensor
     else:
         dy = grad_out.reshape(n, l, s)
     dyt = dy.transpose(0, 1)  # (l, n, s)
-    dw2 = torch.bmm(dyt.transpose(1, 2), v.transpose(0, 1)) if need_w2 else None
+    dw2 = torch.bmm(dyt.transpose(1, 2), v.transpose(0, 1).conj()) if need_w2 else None
     dv = None
     if need_v:
         dv = v.new_empty(n, l, r)
-        torch.bmm(dyt, w2, out=dv.transpose(0, 1))
+        torch.bmm(dyt, w2.conj(), out=dv.transpose(0, 1))
     return dw2, dv

@@ -8,7 +8,12 @@ Semantics (fixed; ../shared/DESIGN.md): with ``w1: (k, q, p)`` and ``w2: (l, s, 
     out  = y.T.reshape(s*l)  if output_permutation  else  y.reshape(l*s)
 
 It is the reference the Triton paths are checked against, the path ``backend="auto"`` takes
-off Hopper, and the one :func:`.dense.monarch_to_dense` evaluates exactly.
+off Hopper and for complex operands, and the one :func:`.dense.monarch_to_dense` evaluates exactly.
+
+Complex factors and inputs are supported: the backward multiplies by the *conjugates* of the
+saved operands, which is PyTorch's convention for complex gradients (those of ``x @ W.T`` are
+``dy @ conj(W)`` and ``dy.T @ conj(x)``). ``conj()`` of a real tensor is the tensor itself, so the
+real path is unchanged.
 """
 
 from __future__ import annotations
@@ -48,10 +53,10 @@ class _MonarchMultiplyTorch(torch.autograd.Function):
         if dv is not None:
             du = dv.transpose(1, 2).reshape(n, k, q).transpose(0, 1)  # inverse permutation, (k, n, q)
             if need_w1:
-                dw1 = torch.bmm(du.transpose(1, 2), x2.view(n, k, p).transpose(0, 1))
+                dw1 = torch.bmm(du.transpose(1, 2), x2.view(n, k, p).transpose(0, 1).conj())
             if need_x:
                 dx = x2.new_empty(n, k, p)
-                torch.bmm(du, w1, out=dx.transpose(0, 1))
+                torch.bmm(du, w1.conj(), out=dx.transpose(0, 1))
                 dx = dx.view(n, k * p)
         return dx, dw1, dw2, None
 

@@ -358,7 +358,10 @@ def monarch_multiply_tma(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ou
                          kernel: KernelOptions = KernelOptions()) -> torch.Tensor:
     """Monarch multiply through the TMA kernels and cuBLAS, with autograd (operands of one dtype;
     :func:`supports` must hold). ``x: (..., k*p)``, ``w1: (k, q, p)``, ``w2: (l, s, r)``;
-    returns ``(..., l*s)``. ``kernel``: the ``tma_*`` knobs and ``weight_grad_splits``."""
+    returns ``(..., l*s)``. ``kernel``: the ``tma_*`` knobs and ``weight_grad_splits``. Real dtypes
+    only (complex Monarch matrices run on the torch path)."""
+    if x.is_complex():
+        raise ValueError(f"the TMA path does not support complex dtype {x.dtype}; use backend='torch'")
     k, _, p = w1.shape
     l, s, _ = w2.shape
     x2 = x.reshape(-1, k * p)

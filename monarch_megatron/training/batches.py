@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from .config import RunConfig
 from .distributed import Layout
 from .phases import Phase
+from .schema_io import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,38 @@ class DataSource:
 
 
 def prepare_data(cfg: RunConfig) -> DataSource:
-    """Build (once) or locate the run's data. The demo source builds its corpus, tokenizer and
-    indexed datasets under ``data.cache_dir`` (default ``<output_dir>/data``); safe on every rank."""
+    """Build (once) or locate the run's data, and check it (:func:`check_data_source`). The demo
+    source builds its corpus, tokenizer and indexed datasets under ``data.cache_dir`` (default
+    ``<output_dir>/data``); safe on every rank."""
     if cfg.data.source == "demo":
         from ..data.demo_corpus import prepare_demo_data
 
         out = cfg.data.cache_dir or os.path.join(cfg.output_dir, "data")
-        prefix, model = prepare_demo_data(out, vocab_size=cfg.data.vocab_size or cfg.vocab_size)
-        return DataSource(prefix, model)
-    return DataSource(cfg.data.prefix, cfg.data.tokenizer_model)  # type: ignore[arg-type]
+        source = DataSource(*prepare_demo_data(out, vocab_size=cfg.data.vocab_size or cfg.vocab_size))
+    else:
+        source = DataSource(cfg.data.prefix, cfg.data.tokenizer_model)  # type: ignore[arg-type]
+    check_data_source(cfg, source)
+    return source
+
+
+def check_data_source(cfg: RunConfig, source: DataSource) -> None:
+    """The tokenizer loads and fits the model's vocabulary, and the model kind's indexed dataset is
+    whole (``.bin`` the size its ``.idx`` describes): cheap, no data read.
+
+    Raises:
+        ConfigError: naming ``data.tokenizer_model`` or ``data.prefix`` and the file.
+    """
+    from ..data.preprocess import indexed_prefix
+    from ..data.validate import DataError, check_indexed_dataset, check_tokenizer
+
+    try:
+        check_tokenizer(source.tokenizer_model, cfg.vocab_size)
+    except DataError as err:
+        raise ConfigError("data.tokenizer_model", str(err)) from None
+    try:
+        check_indexed_dataset(indexed_prefix(source.prefix, cfg.model.kind))
+    except DataError as err:
+        raise ConfigError("data.prefix", str(err)) from None
 
 
 class StepSampler(Sampler[list[int]]):

@@ -14,13 +14,16 @@ A run is one YAML file (see configs/demo.yaml for an annotated example). Top-lev
     lr_schedule: warmup_steps | warmup_fraction, decay_style linear|polynomial|cosine|constant,
                 power, min_lr, scope run|phase
     training:   total_steps, micro_batch_size, global_batch_size, seq_length, intervals, keep_last,
-                init_from (start a new run from a checkpoint's model weights)
+                max_nonfinite_steps (the non-finite guard), init_from (start a new run from a
+                checkpoint's model weights)
     phases:     list; each: name, steps | share, monarch {layers, nblocks} | null (dense), and
                 optional seq_length / micro_batch_size / global_batch_size / optimizer /
                 lr_schedule overrides, optimizer_state fresh|keep, rewarmup_steps
 
 Validation happens before any process group or accelerator work; every problem is a
-:class:`~monarch_megatron.training.schema_io.ConfigError` naming the key.
+:class:`~monarch_megatron.training.schema_io.ConfigError` naming the key: types, every numeric
+range (NaN and infinities nowhere), batch arithmetic, Monarch shapes. Checks that read files (data,
+tokenizer, the resume point) follow in :func:`.run.preflight`.
 """
 
 from __future__ import annotations
@@ -146,6 +149,9 @@ class TrainingSection:
     # The LM loss by two-pass Triton kernels instead of megatron-core's fp32 passes (CUDA, TP = 1:
     # models/cross_entropy.py); same loss to fp32 rounding.
     fused_cross_entropy: bool = True
+    # megatron-core's fused bias + dropout + residual add (torch.compile'd; CUDA only: on CPU the
+    # compile costs more than it saves). Same function, another dropout stream.
+    fused_bias_dropout: bool = True
     profile: ProfileSection = field(default_factory=ProfileSection)
 
 
@@ -209,7 +215,8 @@ class RunConfig:
 
 
 # training.* keys that change how fast a step runs, not what it computes (left out of the config hash).
-PERFORMANCE_KEYS = ("fast_step", "cuda_graphs", "mlm_head_masked_only", "fused_cross_entropy", "profile")
+PERFORMANCE_KEYS = ("fast_step", "cuda_graphs", "mlm_head_masked_only", "fused_cross_entropy", "fused_bias_dropout",
+                    "profile")
 
 
 def _positive(value: Any, path: str, allow_zero: bool = False) -> None:

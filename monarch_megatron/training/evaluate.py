@@ -90,7 +90,13 @@ def evaluate(cfg: RunConfig, checkpoint: str, phase: str | None = None) -> dict[
     if not os.path.isfile(os.path.join(checkpoint, "run_state.json")):
         raise ConfigError("--checkpoint", f"{checkpoint} is not a checkpoint directory (no run_state.json)")
     with open(os.path.join(checkpoint, "run_state.json")) as f:
-        tp = int(json.load(f).get("tensor_model_parallel_size", cfg.parallel.tensor_model_parallel_size))
+        state = json.load(f)
+    tp = int(state.get("tensor_model_parallel_size", cfg.parallel.tensor_model_parallel_size))
+    from .checkpoint import check_model_files
+
+    problem = check_model_files(checkpoint, state)  # sizes and SHA-256 recorded at the save
+    if problem:
+        raise ConfigError("--checkpoint", f"{checkpoint} does not verify: {problem}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % tp:
         raise ConfigError("--checkpoint", f"the checkpoint has tensor_model_parallel_size={tp}; run evaluate.py "

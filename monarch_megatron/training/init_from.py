@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import RUN_STATE
+from .checkpoint import RUN_STATE, check_model_files
 from .config import RunConfig
 from .schema_io import ConfigError
 
@@ -41,6 +41,15 @@ def _model_structure(model: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def model_differences(checkpoint_model: Any, cfg: RunConfig) -> list[str]:
+    """``"model.<key> is <checkpoint's> in the checkpoint, <run's> in this run"`` for every entry of
+    :data:`STRUCTURE_KEYS` in which a checkpoint's ``run_state["model"]`` differs from ``cfg``."""
+    run = _model_structure({**vars(cfg.model), "vocab_size": cfg.vocab_size})
+    ckpt = _model_structure(checkpoint_model if isinstance(checkpoint_model, dict) else {})
+    return [f"model.{k} is {ckpt[k]!r} in the checkpoint, {run[k]!r} in this run" for k in STRUCTURE_KEYS
+            if ckpt[k] != run[k]]
+
+
 def _convert_hint(path: str, to: str, nblocks: int | None = None, tp: int | None = None) -> str:
     extra = (f" --nblocks {nblocks}" if nblocks else "") + (f" --tensor-parallel {tp}" if tp else "")
     return f"python launcher/convert_checkpoint.py --input {path} --output <new dir> --to {to}{extra}"
@@ -51,7 +60,8 @@ def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
 
     Raises:
         ConfigError: (key ``training.init_from``) missing / incomplete checkpoint, other model
-            sizes, other structure (phase_kind, Monarch layers or nblocks), other TP size.
+            sizes (each named), other structure (phase_kind, Monarch layers or nblocks), other TP
+            size, model files that do not match the sizes and SHA-256 recorded at the save.
     """
     path = cfg.training.init_from
     if not path:
@@ -73,12 +83,9 @@ def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
     for entry in ("model", "phase_kind", "tensor_model_parallel_size"):
         if entry not in state:
             raise ConfigError(KEY, f"{state_path} has no '{entry}' entry (not a monarch-megatron checkpoint?)")
-    run_model = _model_structure({**vars(cfg.model), "vocab_size": cfg.vocab_size})
-    ckpt_model = _model_structure(state["model"] if isinstance(state["model"], dict) else {})
-    for k in STRUCTURE_KEYS:
-        if ckpt_model[k] != run_model[k]:
-            raise ConfigError(KEY, f"{path} holds a different model: model.{k} is {ckpt_model[k]!r} in the checkpoint, "
-                              f"{run_model[k]!r} in this run")
+    differences = model_differences(state["model"], cfg)
+    if differences:
+        raise ConfigError(KEY, f"{path} holds a different model: {'; '.join(differences)}")
     first = cfg.phases[0]
     want = "dense" if first.monarch is None else "monarch"
     have = state["phase_kind"]
@@ -102,6 +109,9 @@ def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
     missing = [MODEL_FILE.format(r) for r in range(tp) if not os.path.isfile(os.path.join(path, MODEL_FILE.format(r)))]
     if missing:
         raise ConfigError(KEY, f"{path} is not a complete checkpoint: {', '.join(missing)} missing")
+    problem = check_model_files(path, state)  # sizes and SHA-256 recorded at the save
+    if problem:
+        raise ConfigError(KEY, f"{path} does not verify: {problem}")
     return state
 
 
@@ -117,4 +127,4 @@ def load_init_weights(path: str, tp_rank: int) -> dict[str, Any]:
     return data["module"]
 
 
-__all__ = ["check_init_from", "load_init_weights"]
+__all__ = ["check_init_from", "load_init_weights", "model_differences"]

@@ -3,7 +3,9 @@
 ``Trainer(cfg, layout).run()`` trains every phase of the plan in order. It resumes from the latest
 complete checkpoint under ``<output_dir>/checkpoints`` (so re-running the same command continues a
 killed run), performs phase transitions (the Monarch -> dense switch included, :mod:`.switch`)
-in-process, and on SIGTERM / SIGUSR1 (Slurm pre-emption) saves a checkpoint and returns.
+in-process, and on SIGTERM / SIGUSR1 (Slurm pre-emption) / SIGINT (Ctrl-C; a second one exits at
+once) saves a checkpoint at the end of the step and returns. Non-finite losses stop it without a
+save (:mod:`.guard`).
 
 Determinism: the data order is a function of the step (:mod:`.batches`), dropout is reseeded
 from (seed, step, DP rank) at every step, the learning rate is a function of the step
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from ..data import load_tokenizer
 from ..models import ModelConfig, forward_step
@@ -29,6 +32,7 @@ from .config import RunConfig
 from .distributed import Layout, all_reduce_mean, seed_everything, step_seed
 from .engine import grad_norm, loss_scale, set_learning_rate
 from .flops import train_flops_per_sequence
+from .guard import NonFiniteGuard
 from .init_from import check_init_from, load_init_weights
 from .metrics import Metrics, StepClock, logger
 from .phases import Phase, build_plan, total_steps
@@ -48,6 +52,7 @@ class Trainer:
         self.total = total_steps(self.plan)
         self.ckpt = CheckpointManager(cfg.output_dir, layout, cfg.training.keep_last)
         self.metrics = Metrics(cfg.output_dir, layout.is_logger, self.total)
+        self.guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, cfg.precision.dtype == "fp16", self.ckpt)
         self.profiler = StepProfiler(cfg.training.profile, cfg.output_dir, layout.rank, layout.is_logger)
         # The stop flag is agreed on over a gloo group: a host-side collective, so checking it at
         # every step does not make the host wait for the GPU.
@@ -58,6 +63,7 @@ class Trainer:
         self.optimizer_desc = ""
         self.step = 0
         self._stop_signal = 0
+        self._first_sigint: float | None = None
         self._data: dict[int, PhaseData] = {}
         self.model_cfg = self.model_config(cfg)
         self.source = prepare_data(cfg)
@@ -102,13 +108,14 @@ class Trainer:
         }
 
     def save(self, phase: Phase) -> str:
-        tag = self.ckpt.save(self.engine, self.run_state(phase))
+        # The guard first: no checkpoint of a non-finite step or of non-finite weights.
+        tag = self.ckpt.save(self.engine, {**self.run_state(phase), **self.guard.before_save(self.engine, self.step)})
         logger.info("saved checkpoint %s", self.ckpt.path(tag))
         return tag
 
     def _save_current(self, phase: Phase) -> None:
-        """Save the current step in ``phase`` unless that checkpoint exists (e.g. saved at the switch)."""
-        if not os.path.isdir(self.ckpt.path(checkpoint_tag(self.step, phase.name))):
+        """Save the current step in ``phase`` unless that checkpoint exists and verifies (e.g. saved at the switch)."""
+        if not self.ckpt.is_saved(checkpoint_tag(self.step, phase.name)):
             self.save(phase)
 
     def _stopped(self) -> dict[str, Any]:
@@ -116,10 +123,16 @@ class Trainer:
         return {"stopped": True, "step": self.step}
 
     def _on_signal(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT:
+            # A second Ctrl-C exits at once, without saving. Under torchrun every worker gets the
+            # first one twice (from the terminal and forwarded by torchrun): within a second it is one.
+            if self._first_sigint is not None and time.monotonic() - self._first_sigint > 1.0:
+                raise KeyboardInterrupt
+            self._first_sigint = self._first_sigint or time.monotonic()
         self._stop_signal = signum
 
     def _stop_requested(self) -> bool:
-        """True on every rank when any rank got SIGTERM / SIGUSR1 (a host-side all-reduce per step)."""
+        """True on every rank when any rank got SIGTERM / SIGUSR1 / SIGINT (a host-side all-reduce per step)."""
         if self._signal_group is None:
             return self._stop_signal > 0
         flag = torch.tensor([float(self._stop_signal)])
@@ -127,7 +140,8 @@ class Trainer:
         return bool(flag.item() > 0)
 
     def _flush_metrics(self) -> None:
-        """Write the steps queued since the last flush (waits for them to finish on the device)."""
+        """Write the steps queued since the last flush (waits for them to finish on the device) and
+        hand them to the non-finite guard (which stops the run: training/guard.py)."""
         from megatron.core import parallel_state
 
         group = parallel_state.get_data_parallel_group()
@@ -139,7 +153,7 @@ class Trainer:
                 t /= dist.get_world_size(group)
             return t
 
-        self.metrics.flush_steps(dp_mean)
+        self.guard.observe(self.metrics.flush_steps(dp_mean))
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,8 +197,10 @@ class Trainer:
                 seed_everything(step_seed(cfg.seed, self.step, lay.dp_rank), cuda_graph_safe=graph_safe_rng)
                 lr = learning_rate(phase, self.step, self.total)
                 set_learning_rate(self.engine, lr)
-                values = runner.run(batches, acc)
-                self.engine.step()
+                with record_function("micro-steps"):  # named ranges in the profiler's trace
+                    values = runner.run(batches, acc)
+                with record_function("optimizer-step"):
+                    self.engine.step()
                 self.step += 1
                 optimizer_values = {"learning-rate": lr, "loss-scale": loss_scale(self.engine),
                                     "grad-norm": grad_norm(self.engine)}
@@ -267,7 +283,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or until a signal); returns a summary dict."""
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
             return self._run()
         finally:
@@ -282,6 +298,7 @@ class Trainer:
                 f.write(self.cfg.to_yaml())
         self.ckpt.clean_staging()
         phase = self._start()
+        self.metrics.resume_at(self.step)  # metrics.jsonl: each step once, whatever was logged past it before
         logger.info("optimizer: %s; precision %s; TP %d x DP %d", self.optimizer_desc, self.cfg.precision.dtype,
                     self.layout.tp, self.layout.dp)
         logger.info("TensorBoard logs: %s  (tensorboard --logdir %s)", self.metrics.tb_dir, self.metrics.tb_dir)

@@ -59,6 +59,7 @@ class Metrics:
         self._window: list[dict[str, float]] = []
         self._times: list[float] = []
         self._pending: list[tuple] = []
+        self._seen: set[tuple[str, int]] = set()
         if is_logger:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -70,8 +71,9 @@ class Metrics:
             self.writer.add_scalar(name, value, step)
 
     def record(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        """Append one line to metrics.jsonl (``kind``: train / valid / switch)."""
-        if self.jsonl is not None:
+        """Append one line to metrics.jsonl (``kind``: train / valid / switch), unless the file has
+        that row already from before a resume (:meth:`resume_at`)."""
+        if self.jsonl is not None and (kind, step) not in self._seen:
             self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
             self.jsonl.flush()
 
@@ -88,23 +90,29 @@ class Metrics:
         """
         self._pending.append((step, phase_index, values, names, optimizer_values, timing, tokens, flops, world))
 
-    def flush_steps(self, reduce_mean) -> None:
+    def flush_steps(self, reduce_mean) -> list[tuple[int, dict[str, Any]]]:
         """Read the queued steps back (one synchronisation), average their losses over data-parallel
         ranks with ``reduce_mean`` (``[steps, n]`` tensor -> same, one collective on every rank),
-        and write them (TensorBoard, metrics.jsonl, the window of the next progress line)."""
+        and write them (TensorBoard, metrics.jsonl, the window of the next progress line).
+
+        Returns, on every rank, ``(step, values)`` per flushed step, oldest first: the losses and the
+        optimizer values (what the non-finite guard inspects)."""
         if not self._pending:
-            return
+            return []
         pending, self._pending = self._pending, []
         table = reduce_mean(torch.stack([p[2] for p in pending])).tolist()
+        rows = []
+        for (step, _, _, names, opt, *_), row_values in zip(pending, table):
+            row = dict(zip(names, row_values))
+            row.update({k: (float(v) if torch.is_tensor(v) else v) for k, v in opt.items()})
+            rows.append((step, row))
         if not self.is_logger:
-            return
-        for (step, phase_index, _, names, opt, (t0, t1), tokens, flops, world), row_values in zip(pending, table):
+            return rows
+        for (step, phase_index, _, _, _, (t0, t1), tokens, flops, world), (_, row) in zip(pending, rows):
             seconds = StepClock.seconds(t0, t1)
             tps = tokens / seconds if seconds > 0 else 0.0
             tflops = flops / seconds / world / 1e12 if seconds > 0 else 0.0
-            row = dict(zip(names, row_values))
-            row.update({k: (float(v) if torch.is_tensor(v) else v) for k, v in opt.items()})
-            row.update({"iteration-time": seconds, "tokens-per-sec": tps, "throughput": tflops, "phase": phase_index})
+            row = {**row, "iteration-time": seconds, "tokens-per-sec": tps, "throughput": tflops, "phase": phase_index}
             if torch.cuda.is_available():
                 row["max-memory-gb"] = torch.cuda.max_memory_allocated() / 2**30  # GiB, peak of the phase
             for name, v in row.items():
@@ -113,6 +121,43 @@ class Metrics:
             self.record("train", step, row)
             self._window.append(row)
             self._times.append(seconds)
+        return rows
+
+    def resume_at(self, step: int) -> None:
+        """A run resumes after ``step``: drop the metrics.jsonl rows past it (the resumed run writes
+        them again), and have TensorBoard hide its events past it; a row of ``step`` itself that the
+        resumed run writes again (a re-done switch or final validation) is not written twice."""
+        if not self.is_logger:
+            return
+        path = self.jsonl.name
+        kept, dropped, self._seen = [], 0, set()
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                    at = int(row["step"])
+                except (ValueError, KeyError, TypeError):
+                    dropped += 1
+                    continue  # a line torn by a kill
+                if at > step:
+                    dropped += 1
+                    continue
+                kept.append(line if line.endswith("\n") else line + "\n")
+                if at == step:
+                    self._seen.add((row.get("kind"), at))
+        if not dropped:
+            return
+        self.jsonl.close()
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+        self.jsonl = open(path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer.close()
+        self.writer = SummaryWriter(self.tb_dir, purge_step=step + 1)
 
     def progress_line(self, step: int, phase_name: str) -> None:
         """Console line averaging the steps since the previous line."""

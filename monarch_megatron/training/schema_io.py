@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -58,7 +59,7 @@ def convert(tp: Any, value: Any, path: str) -> Any:
     """Check ``value`` against the type annotation ``tp`` and return it in canonical form.
 
     ints are accepted where floats are expected (YAML writes ``1`` for ``1.0``); bools are never
-    accepted as numbers; lists become tuples where the annotation says tuple.
+    accepted as numbers, nor are NaN and infinities; lists become tuples where the annotation says tuple.
     """
     origin = get_origin(tp)
     if tp is Any:
@@ -109,11 +110,13 @@ def convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, str):
             # PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string; accept what float() reads.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {_describe(value)}")
+        if not math.isfinite(value):  # .nan / .inf: no setting of a run means them
+            raise ConfigError(path, f"must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -82,7 +82,8 @@ def build_phase_engine(cfg, model_cfg, phase: Phase, layout, weights: dict[str, 
     """Build the model and engine of ``phase``; load ``weights`` (full precision) if given."""
     seed_everything(cfg.seed)
     model = build_model(model_cfg, phase.monarch, cfg.precision.dtype, monarch_options=monarch_options(cfg),
-                        fused_cross_entropy=cfg.training.fused_cross_entropy)
+                        fused_cross_entropy=cfg.training.fused_cross_entropy,
+                        fused_bias_dropout=cfg.training.fused_bias_dropout and torch.cuda.is_available())
     if weights is not None:
         dtypes = {k: v.dtype for k, v in model.state_dict().items() if torch.is_tensor(v)}
         model.load_state_dict({k: (v.to(dtypes[k]) if torch.is_tensor(v) and k in dtypes else v)

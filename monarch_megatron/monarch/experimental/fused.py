@@ -352,4 +352,6 @@ def monarch_multiply_fused(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, 
     """
     if not (x.dtype == w1.dtype == w2.dtype):
         raise ValueError(f"dtypes differ: x {x.dtype}, w1 {w1.dtype}, w2 {w2.dtype}")
+    if x.is_complex():
+        raise ValueError(f"the fused kernel does not support complex dtype {x.dtype}; use backend='torch'")
     return _MonarchTriton.apply(x, w1, w2, bool(output_permutation), kernel)
