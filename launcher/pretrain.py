@@ -5,11 +5,16 @@
     deepspeed launcher/pretrain.py --config configs/X.yaml                       # or torchrun
     python launcher/pretrain.py --config configs/X.yaml --dry-run                 # plan only
 
-Re-running the same command resumes from the latest complete checkpoint in output_dir.
-Exit codes: 0 done (or stopped cleanly by SIGTERM/SIGUSR1 after saving), 2 config error.
+Re-running the same command resumes from the newest checkpoint that verifies in output_dir.
+Exit codes: 0 done (or stopped cleanly by SIGTERM / SIGUSR1 / Ctrl-C after saving); 1 a failure
+(e.g. a checkpoint that could not be written: disk full); 2 a problem found before any work
+(config, data, tokenizer, resume point, another trainer on output_dir), also by --dry-run;
+3 the run went non-finite (stopped without saving); 130 a second Ctrl-C, or one before training
+(no save).
 """
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -39,9 +44,17 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         from monarch_megatron.training.dryrun import dry_run_report
+        from monarch_megatron.training.run import preflight
 
         print(dry_run_report(cfg))
+        try:
+            preflight(cfg, dry_run=True)  # the data, tokenizer and resume point, as a real start checks them
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 2
         return 0
+    from monarch_megatron.training.checkpoint import CheckpointError
+    from monarch_megatron.training.guard import NonFiniteError
     from monarch_megatron.training.run import train
 
     try:
@@ -49,6 +62,20 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: exited without saving (re-running resumes from the last checkpoint)", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device: {err.filename or err}", file=sys.stderr)
+        return 1
     return 0
 
 
