@@ -50,6 +50,10 @@ CASES = {
     "gpt2-small-32": ("gpt2_small_monarch.yaml", 32, 4, "bf16", []),
     "gpt2-medium-8": ("gpt2_medium_monarch.yaml", 8, 4, "bf16", []),
     "gpt2-medium-16": ("gpt2_medium_monarch.yaml", 16, 4, "bf16", []),
+    # Monarch in the MLP only, attention dense: the layers of the paper authors' released OWT configs.
+    "gpt2-medium-8-mlp": ("gpt2_medium_monarch.yaml", 8, 4, "bf16", ["phases.0.monarch.layers=[fc1,fc2]"]),
+    "bert-large-64-mlp": ("bert_large_monarch.yaml", 64, 4, "bf16",
+                          ["optimizer.name=adamw", "optimizer.lr=1e-4", "phases.0.monarch.layers=[fc1,fc2]"]),
 }
 DEFAULT_CASES = "bert-large-64,bert-large-256,gpt2-small-16,gpt2-medium-8,bert-large-64-fp16-lamb"
 
