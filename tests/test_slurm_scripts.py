@@ -77,7 +77,17 @@ def test_config_passes_dry_run(config: Path, world: str | None, monkeypatch, cap
         if config.name == "demo.yaml":
             pytest.skip("the demo is a one-process CPU run")
         monkeypatch.setenv("WORLD_SIZE", world)
-    rc = _pretrain_main()(["--config", str(config), "--dry-run"])
+    # --dry-run also checks that the data exist; the recipes' data/wiki and data/owt are not here,
+    # so they read the demo's indexed data (built once, shared with the trainer tests).
+    data = []
+    if "source: indexed" in config.read_text():
+        from monarch_megatron.data.demo_corpus import prepare_demo_data
+
+        from tiny_demo import DATA
+
+        prefix, model = prepare_demo_data(DATA)
+        data = [f"data.prefix={prefix}", f"data.tokenizer_model={model}"]
+    rc = _pretrain_main()(["--config", str(config), "--dry-run", *data])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "phase plan" in out.out
