@@ -1,8 +1,8 @@
 """CPU stand-ins for the CUDA-only pieces megatron-core touches, so its models run on CPU with gloo.
 
 This is the only module of the project that patches anything outside it (DESIGN.md, "Running on
-CPU"); :func:`apply_cpu_stand_ins` does nothing where CUDA is available. It installs exactly two
-things, each because megatron-core calls it unconditionally on code paths the CPU tests use:
+CPU"); :func:`apply_cpu_stand_ins` does nothing where CUDA is available. It installs exactly three
+things; the first two because megatron-core calls them unconditionally on code paths the CPU runs use:
 
 1. ``torch.cuda.current_device`` returns ``torch.device("cpu")``: megatron allocates buffers with
    ``device=torch.cuda.current_device()`` (the attention scratch buffer, some masks); on CPU those
@@ -11,11 +11,17 @@ things, each because megatron-core calls it unconditionally on code paths the CP
    forks the CPU default generator. On GPU it forks the CUDA default generator, so that dropout
    inside tensor-parallel regions draws from a per-TP-rank stream and the default stream resumes
    unchanged afterwards; the stand-in keeps that contract with the generator CPU kernels draw from.
+3. DeepSpeed's torch communication backend, when it starts on a CPU-only host, compiles a C++
+   shared-memory all-reduce (``deepspeed_shm_comm_op``, 40-70 s on 2 cores, in silence, before the
+   first line of a run). Only its ``inference_all_reduce`` uses it, which training never calls: the
+   stand-in makes the build report "not available", DeepSpeed's own answer on hosts that cannot
+   build it, so the demo starts at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 
 import torch
@@ -58,6 +64,11 @@ def _cpu_current_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _no_shm_comm_op() -> None:
+    """DeepSpeed's ``build_shm_op`` where the op is not available (item 3 of the module docstring)."""
+    return None
+
+
 def apply_cpu_stand_ins() -> bool:
     """Install the CPU stand-ins if CUDA is absent; idempotent.
 
@@ -75,5 +86,13 @@ def apply_cpu_stand_ins() -> bool:
     # initialize_rng_tracker keeps ours); model_parallel_cuda_manual_seed then seeds it as usual.
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    try:
+        # By module name: `import deepspeed.comm.torch as x` binds the package's `torch` attribute
+        # (the torch module it imported), not the submodule.
+        ds_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:  # the models run without DeepSpeed too
+        pass
+    else:
+        ds_comm.build_shm_op = _no_shm_comm_op
     _APPLIED = True
     return True

@@ -467,3 +467,5 @@ class CheckpointManager:
         for tag, _ in found:
             if tag not in keep:
                 shutil.rmtree(self.path(tag), ignore_errors=True)
+                logger.info("removed checkpoint %s (training.keep_last=%d keeps the newest %d, every phase's last "
+                            "and the newest with finite losses)", self.path(tag), self.keep_last, self.keep_last)

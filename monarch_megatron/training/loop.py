@@ -51,7 +51,8 @@ class Trainer:
         self.plan = build_plan(cfg)
         self.total = total_steps(self.plan)
         self.ckpt = CheckpointManager(cfg.output_dir, layout, cfg.training.keep_last)
-        self.metrics = Metrics(cfg.output_dir, layout.is_logger, self.total)
+        self.metrics = Metrics(cfg.output_dir, layout.is_logger, self.total,
+                               show_loss_scale=cfg.precision.dtype == "fp16")
         self.guard = NonFiniteGuard(cfg.training.max_nonfinite_steps, cfg.precision.dtype == "fp16", self.ckpt)
         self.profiler = StepProfiler(cfg.training.profile, cfg.output_dir, layout.rank, layout.is_logger)
         # The stop flag is agreed on over a gloo group: a host-side collective, so checking it at
@@ -92,9 +93,14 @@ class Trainer:
     def phase_end_tag(self, phase: Phase) -> str:
         return checkpoint_tag(phase.end, phase.name)
 
+    def consumed(self, step: int) -> tuple[int, int]:
+        """(samples, tokens) the whole job has trained on after global step ``step``."""
+        done = [min(max(step - p.start, 0), p.steps) * p.global_batch_size for p in self.plan]
+        return sum(done), sum(n * p.seq_length for n, p in zip(done, self.plan))
+
     def run_state(self, phase: Phase) -> dict[str, Any]:
         """The ``run_state.json`` content for the current step (see checkpoint.py)."""
-        done = sum(min(max(self.step - p.start, 0), p.steps) * p.global_batch_size for p in self.plan)
+        done = self.consumed(self.step)[0]
         return {
             "step": self.step, "total_steps": self.total, "phase_index": phase.index, "phase": phase.name,
             "phase_kind": phase.kind, "phase_step": self.step - phase.start, "phase_steps": phase.steps,
@@ -202,8 +208,10 @@ class Trainer:
                 with record_function("optimizer-step"):
                     self.engine.step()
                 self.step += 1
+                samples, tokens_seen = self.consumed(self.step)
                 optimizer_values = {"learning-rate": lr, "loss-scale": loss_scale(self.engine),
-                                    "grad-norm": grad_norm(self.engine)}
+                                    "grad-norm": grad_norm(self.engine), "consumed-samples": samples,
+                                    "consumed-tokens": tokens_seen}
                 self.metrics.train_step(self.step, phase.index, values, runner.names, optimizer_values,
                                         (start, StepClock.mark()), tokens, flops, lay.world)
                 self.profiler.step_end(self.step)

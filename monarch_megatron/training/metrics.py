@@ -26,7 +26,8 @@ def setup_logging(output_dir: str, is_logger: bool) -> None:
     root = logging.getLogger("monarch_megatron")
     root.handlers.clear()
     root.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    # Dated: train.log appends across resumes, which can be days apart.
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     root.addHandler(console)
@@ -40,6 +41,14 @@ def setup_logging(output_dir: str, is_logger: bool) -> None:
         root.setLevel(logging.WARNING)
 
 
+def _human(n: float) -> str:
+    """``1234567`` -> ``1.23M`` (consumed tokens on the progress line)."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -50,8 +59,9 @@ def format_duration(seconds: float) -> str:
 class Metrics:
     """TensorBoard writer + jsonl record + console progress lines for one run."""
 
-    def __init__(self, output_dir: str, is_logger: bool, total_steps: int) -> None:
+    def __init__(self, output_dir: str, is_logger: bool, total_steps: int, show_loss_scale: bool = False) -> None:
         self.is_logger = is_logger
+        self.show_loss_scale = show_loss_scale  # fp16: the dynamic loss scale belongs on the console line
         self.total = total_steps
         self.tb_dir = os.path.join(output_dir, "tensorboard")
         self.writer = None
@@ -160,23 +170,32 @@ class Metrics:
         self.writer = SummaryWriter(self.tb_dir, purge_step=step + 1)
 
     def progress_line(self, step: int, phase_name: str) -> None:
-        """Console line averaging the steps since the previous line."""
+        """Console line of the steps since the previous line (Megatron's fields): consumed samples
+        and tokens, ms per step, losses, learning rate, fp16 loss scale, tokens/s, TFLOP/s (per GPU
+        on GPUs), gradient norm, peak memory, ETA."""
         if not self.is_logger or not self._window:
             return
         w = self._window
         mean = {k: sum(r[k] for r in w if r.get(k) is not None) / max(1, sum(r.get(k) is not None for r in w))
-                for k in ("loss", "lm loss", "sop loss", "tokens-per-sec", "throughput")}
-        recent = self._times[-50:]
-        eta = (self.total - step) * (sum(recent) / len(recent))
-        parts = [f"step {step}/{self.total} [{phase_name}]", f"loss {mean['loss']:.4f}", f"lm {mean['lm loss']:.4f}"]
+                for k in ("loss", "lm loss", "sop loss", "tokens-per-sec", "throughput", "iteration-time")}
+        # ETA from this window's steps: the first window also holds the CUDA-graph capture.
+        eta = (self.total - step) * mean["iteration-time"]
+        last = w[-1]
+        parts = [f"step {step}/{self.total} [{phase_name}]"]
+        if last.get("consumed-samples") is not None:
+            parts.append(f"samples {last['consumed-samples']:,} tokens {_human(last['consumed-tokens'])}")
+        parts += [f"{1e3 * mean['iteration-time']:,.1f} ms/step", f"loss {mean['loss']:.4f}", f"lm {mean['lm loss']:.4f}"]
         if any(r.get("sop loss") is not None for r in w):
             parts.append(f"sop {mean['sop loss']:.4f}")
-        parts += [f"lr {w[-1]['learning-rate']:.3e}", f"{mean['tokens-per-sec']:,.0f} tok/s",
-                  f"{mean['throughput']:.3f} TFLOP/s/GPU"]
-        if w[-1].get("grad-norm") is not None:
-            parts.append(f"gnorm {w[-1]['grad-norm']:.3f}")
-        if w[-1].get("max-memory-gb") is not None:
-            parts.append(f"mem {w[-1]['max-memory-gb']:.1f} GiB")
+        parts.append(f"lr {last['learning-rate']:.3e}")
+        if self.show_loss_scale:
+            parts.append(f"loss scale {last['loss-scale']:g}")
+        per = "TFLOP/s/GPU" if torch.cuda.is_available() else "TFLOP/s"
+        parts += [f"{mean['tokens-per-sec']:,.0f} tok/s", f"{mean['throughput']:.3f} {per}"]
+        if last.get("grad-norm") is not None:
+            parts.append(f"gnorm {last['grad-norm']:.3f}")
+        if last.get("max-memory-gb") is not None:
+            parts.append(f"mem {last['max-memory-gb']:.1f} GiB")
         parts.append(f"ETA {format_duration(eta)}")
         logger.info(" | ".join(parts))
         self._window = []
