@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Convert a training checkpoint: Monarch -> dense (exact), dense -> Monarch (optimal projection),
-and tensor-parallel resharding, in one step.
+"""Convert a training checkpoint: Monarch or block-diagonal -> dense (exact), dense -> Monarch or
+block-diagonal (the kind's optimal projection), and tensor-parallel resharding, in one step.
 
     python launcher/convert_checkpoint.py --input runs/demo/checkpoints/step0000120-monarch \\
         --output runs/demo/converted/step0000120-dense --to dense [--tensor-parallel 1]
     python launcher/convert_checkpoint.py --input CKPT --output OUT --to monarch --nblocks 4 \\
         [--layers fc1,fc2,qkv,proj] [--tensor-parallel 2] [--force]
+    python launcher/convert_checkpoint.py --input CKPT --output OUT --to blockdiag --nblocks 4 --layers fc1,fc2
 
 Input: a checkpoint directory written by the trainer (<output_dir>/checkpoints/<tag>/: DeepSpeed's
 mp_rank_XX_model_states.pt per TP rank and run_state.json). Output: the same layout, module weights
@@ -17,9 +18,10 @@ a dense output into a plain megatron-core model built from its local layer spec.
 starts from it with training.init_from=OUTPUT (fresh optimizer, step 0); a run's resume scan never
 picks a converted checkpoint, even one inside its checkpoints/ directory.
 
---to monarch prints every projected layer's relative approximation error ||W - M||_F / ||W||_F and
-the overall one. The output is written atomically (a hidden staging directory renamed into place);
-an existing output is replaced only with --force. The input is never modified.
+--to monarch / blockdiag prints every projected layer's relative approximation error
+||W - M||_F / ||W||_F and the overall one (block-diagonal: the norm of the dropped off-diagonal
+blocks). The output is written atomically (a hidden staging directory renamed into place); an
+existing output is replaced only with --force. The input is never modified.
 Exit codes: 0 done, 2 bad input / output / request (one message on stderr).
 """
 
@@ -37,12 +39,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="checkpoint directory (…/checkpoints/<tag>)")
     p.add_argument("--output", required=True, help="checkpoint directory to create")
-    p.add_argument("--to", required=True, choices=("dense", "monarch"))
+    p.add_argument("--to", required=True, choices=("dense", "monarch", "blockdiag"))
     p.add_argument("--nblocks", type=int, default=None,
-                   help="Monarch blocks for --to monarch (default: the input's, if it is Monarch)")
+                   help="blocks for --to monarch / blockdiag (default: the input's, if it is structured)")
     p.add_argument("--layers", default=None,
-                   help="comma-separated subset of fc1,fc2,qkv,proj made Monarch by --to monarch "
-                        "(default: the input's Monarch layers, or all four)")
+                   help="comma-separated subset of fc1,fc2,qkv,proj made structured by --to monarch / blockdiag "
+                        "(default: the input's structured layers, or all four)")
     p.add_argument("--tensor-parallel", type=int, default=None, help="TP size of the output (default: the input's)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
 
     layers = tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None
     if args.to == "dense" and (args.nblocks is not None or layers):
-        print("convert_checkpoint: error: --nblocks / --layers apply to --to monarch only", file=sys.stderr)
+        print("convert_checkpoint: error: --nblocks / --layers apply to --to monarch / blockdiag only", file=sys.stderr)
         return 2
     try:
         convert_checkpoint(args.input, args.output, args.to, nblocks=args.nblocks, layers=layers,

@@ -1,6 +1,6 @@
-"""Tiny BERT and GPT (Monarch specs, and BERT dense) give the same losses over 3 optimizer steps at
-TP=1 and TP=2 (gloo, 2 processes; dropout 0; same seed -> same global initial weights); fp32,
-relative tolerance 1e-5. Also the parameter report is TP-invariant."""
+"""Tiny BERT and GPT (Monarch specs, block-diagonal BERT MLP and GPT, and BERT dense) give the same
+losses over 3 optimizer steps at TP=1 and TP=2 (gloo, 2 processes; dropout 0; same seed -> same
+global initial weights); fp32, relative tolerance 1e-5. Also the parameter report is TP-invariant."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ SEQ, BATCH, VOCAB = 16, 4, 200
 RUNS = {
     "bert_monarch": ("bert", MonarchConfig(nblocks=4)),
     "gpt_monarch": ("gpt", MonarchConfig(nblocks=4)),
+    "bert_blockdiag_mlp": ("bert", MonarchConfig(layers=("fc1", "fc2"), nblocks=4, kind="blockdiag")),
+    "gpt_blockdiag": ("gpt", MonarchConfig(nblocks=2, kind="blockdiag")),
     "bert_dense": ("bert", None),
 }
 

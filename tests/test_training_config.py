@@ -36,6 +36,14 @@ BAD = [
     (["parallel.tensor_model_parallel_size=4", "parallel.world_size=4", "phases.0.monarch.nblocks=2"],
      "phases[0].monarch.nblocks: nblocks=2 is not divisible by tensor_model_parallel_size=4"),
     (["phases.0.monarch.layers=[fc1,fc3]"], "phases[0].monarch.layers[1]: unknown layer 'fc3'"),
+    (["phases.0.monarch.kind=butterfly"],
+     "phases[0].monarch.kind: unknown layer kind 'butterfly'; choose from monarch, blockdiag"),
+    (["parallel.tensor_model_parallel_size=4", "parallel.world_size=4", "phases.0.monarch.kind=blockdiag",
+      "phases.0.monarch.nblocks=2"], "phases[0].monarch.nblocks: nblocks=2 is not divisible by tensor_model_parallel_size=4"),
+    (["parallel.tensor_model_parallel_size=2", "parallel.world_size=2", "phases.0.monarch.kind=blockdiag",
+      "phases.0.monarch.nblocks=6"], "phases[0].monarch.nblocks: layer fc1: cannot shard block-diagonal layer fc1 with "
+     "nblocks=6 column-parallel over tp_size=2: out_features must be a multiple of nblocks"),
+    (["phases.1.monarch={kind: blockdiag}"], "phases[1].monarch: a phase may keep the previous phase's Monarch layers"),
     (["phases.0.monarch.nblocks=1000"], "phases[0].monarch.nblocks: layer"),
     (["training.total_steps=null"], "phases[0].share: a share needs training.total_steps"),
     (["phases.0.steps=5"], "phases[0]: give exactly one of steps or share"),
@@ -122,8 +130,18 @@ def test_analytic_parameter_counts_match_real_models() -> None:
     try:
         for kind, extra in (("bert", []), ("gpt", ["model.kind=gpt"])):
             cfg = load_config(DEMO, ["model.hidden_size=64", "model.ffn_hidden_size=96", "data.vocab_size=300"] + extra)
-            for monarch in (MonarchConfig(layers=("fc1", "qkv", "fc2", "proj"), nblocks=4), MonarchConfig(layers=("fc1",), nblocks=2), None):
+            for monarch in (MonarchConfig(layers=("fc1", "qkv", "fc2", "proj"), nblocks=4), MonarchConfig(layers=("fc1",), nblocks=2),
+                            MonarchConfig(layers=("fc1", "fc2"), nblocks=4, kind="blockdiag"), None):
                 real = parameter_report(build_model(Trainer.model_config(cfg), monarch, "fp32"))
                 assert count_parameters(cfg.model, cfg.vocab_size, monarch) == real, (kind, monarch)
     finally:
         shutdown()
+
+
+def test_layer_kind_defaults_to_monarch_and_keeps_the_config_hash() -> None:
+    """``monarch.kind`` is new: a config that does not name it (or names the default) hashes as before."""
+    before = "2cd918b32e64ebda"  # configs/demo.yaml's hash before layer kinds existed
+    assert load_config(DEMO).config_hash() == before
+    assert load_config(DEMO, ["phases.0.monarch.kind=monarch"]).config_hash() == before
+    blockdiag = load_config(DEMO, ["phases.0.monarch.kind=blockdiag"])
+    assert blockdiag.phases[0].monarch.kind == "blockdiag" and blockdiag.config_hash() != before

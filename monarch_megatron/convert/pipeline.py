@@ -1,10 +1,11 @@
 """Offline checkpoint conversion (``launcher/convert_checkpoint.py``): read, merge TP shards,
 convert layers, reshard to the target TP size, write atomically.
 
-``to="dense"``: every Monarch linear becomes its exact dense matrix (the stock megatron-core
-local-spec model). ``to="monarch"``: the linears named by ``layers`` become Monarch with
-``nblocks`` blocks (optimal projection of dense weights; Monarch factors with the same nblocks are
-kept as they are, exactly; other nblocks go through the exact dense matrix), the rest dense.
+``to="dense"``: every structured (Monarch or block-diagonal) linear becomes its exact dense matrix
+(the stock megatron-core local-spec model). ``to="monarch"`` / ``to="blockdiag"``: the linears
+named by ``layers`` become that kind with ``nblocks`` blocks (the kind's optimal projection of the
+dense weights; factors of the same kind and nblocks are kept as they are, exactly; another kind or
+nblocks goes through the exact dense matrix), the rest dense.
 Everything else (embeddings, norms, heads, biases) is copied. No optimizer state is written.
 """
 
@@ -18,12 +19,15 @@ from typing import Any
 
 import torch
 
+from ..models.config import MONARCH_LAYERS as ALL_LAYERS
+from ..models.config import MonarchConfig
+from ..parallel.kinds import FACTOR_KINDS, KINDS
 from ..training.config import ModelSection, monarch_layer_widths
 from .checkpoint import ConversionError, check_output_path, converted_run_state, read_checkpoint, write_checkpoint
 from .reshard import check_replicated_agree, linear_prefixes, merge_tp, split_tp
-from .to_monarch import check_factor_shapes, check_tp_shardable, monarch_layer_to_dense, project_layer
+from .to_monarch import check_factor_shapes, check_tp_shardable, layer_to_dense, project_layer
 
-ALL_LAYERS = ("fc1", "fc2", "qkv", "proj")
+TARGETS = ("dense", *KINDS)
 
 
 def _model_widths(run_state: dict[str, Any]) -> tuple[ModelSection, dict[str, tuple[int, int, str]]]:
@@ -38,21 +42,22 @@ def _target(to: str, nblocks: int | None, layers: tuple[str, ...] | None, src: d
     """The output's ``monarch`` entry (None = dense) from the CLI choices and the source's."""
     if to == "dense":
         return None
-    if to != "monarch":
-        raise ConversionError(f"--to must be dense or monarch, got {to!r}")
+    if to not in KINDS:
+        raise ConversionError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     nblocks = nblocks or (src or {}).get("nblocks")
     if not nblocks:
-        raise ConversionError("--to monarch of a dense checkpoint needs --nblocks")
+        raise ConversionError(f"--to {to} of a dense checkpoint needs --nblocks")
     layers = tuple(layers) if layers else tuple((src or {}).get("layers") or ALL_LAYERS)
     unknown = [n for n in layers if n not in ALL_LAYERS]
     if unknown or not layers or len(set(layers)) != len(layers):
         raise ConversionError(f"--layers must be distinct names from {','.join(ALL_LAYERS)}, got {','.join(layers)}")
-    return {"layers": [n for n in ALL_LAYERS if n in layers], "nblocks": int(nblocks)}
+    return MonarchConfig(layers=tuple(n for n in ALL_LAYERS if n in layers), nblocks=int(nblocks), kind=to).to_state()
 
 
 def convert_state(state: dict[str, Any], widths: dict[str, tuple[int, int, str]], src: dict | None,
                   tgt: dict | None, tp: int, log: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Convert the global ``state`` from structure ``src`` to ``tgt`` (``monarch`` entries or None).
+    """Convert the global ``state`` from structure ``src`` to ``tgt`` (``monarch`` entries of
+    ``run_state.json``, :meth:`MonarchConfig.to_state`, or None for dense).
 
     Returns:
         ``(new global state, report)``; the report has per-layer projection errors and totals.
@@ -62,9 +67,14 @@ def convert_state(state: dict[str, Any], widths: dict[str, tuple[int, int, str]]
     err_sq = norm_sq = 0.0
     done: set[str] = set()
     prefixes = linear_prefixes(state)
+    try:
+        source = None if src is None else MonarchConfig.from_state(src)
+        target = None if tgt is None else MonarchConfig.from_state(tgt)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConversionError(f"run_state.json 'monarch' entry {src} is not a layer structure: {err}") from None
     for key, value in state.items():
         prefix = next((p for p in prefixes if key.startswith(p + ".")), None)
-        if prefix is None or key[len(prefix) + 1:] not in ("weight", "blkdiag1", "blkdiag2"):
+        if prefix is None or (key[len(prefix) + 1:] != "weight" and key[len(prefix) + 1:] not in FACTOR_KINDS):
             out[key] = value
             continue
         if prefix in done:
@@ -72,34 +82,35 @@ def convert_state(state: dict[str, Any], widths: dict[str, tuple[int, int, str]]
         done.add(prefix)
         name, style = prefixes[prefix]
         n_in, n_out, _ = widths[name]
-        is_monarch = f"{prefix}.blkdiag1" in state
-        want = tgt is not None and name in tgt["layers"]
-        if is_monarch:
-            w1, w2 = state[f"{prefix}.blkdiag1"], state[f"{prefix}.blkdiag2"]
-            if src is None:
-                raise ConversionError(f"{prefix} has Monarch factors but run_state.json says the model is dense")
-            check_factor_shapes(prefix, w1, w2, n_in, n_out, int(src["nblocks"]))
-            dtype = w1.dtype
+        have = next((k for k in KINDS.values() if f"{prefix}.{k.factor_names[0]}" in state), None)
+        want = None if target is None or name not in target.layers else KINDS[target.kind]
+        if have is not None:
+            factors = tuple(state[f"{prefix}.{n}"] for n in have.factor_names)
+            if source is None or source.kind != have.name:
+                raise ConversionError(f"{prefix} has {have.title} factors but run_state.json says the model is "
+                                      f"{'dense' if source is None else source.kind}")
+            check_factor_shapes(prefix, have, factors, n_in, n_out, source.nblocks)
+            dtype = factors[0].dtype
         else:
             weight = state[f"{prefix}.weight"]
             if tuple(weight.shape) != (n_out, n_in):
                 raise ConversionError(f"{prefix}.weight has shape {tuple(weight.shape)}, expected {(n_out, n_in)}")
             dtype = weight.dtype
-        if want:
-            check_tp_shardable(prefix, style, n_in, n_out, tgt["nblocks"], tp)
-        if is_monarch and want and int(src["nblocks"]) == tgt["nblocks"]:
-            out[f"{prefix}.blkdiag1"], out[f"{prefix}.blkdiag2"] = w1, w2  # unchanged, exact
+        if want is not None:
+            check_tp_shardable(prefix, want, style, n_in, n_out, target.nblocks, tp)
+        if have is not None and want is have and source.nblocks == target.nblocks:
+            out.update({f"{prefix}.{n}": f for n, f in zip(have.factor_names, factors)})  # unchanged, exact
             continue
-        dense = monarch_layer_to_dense(w1, w2, n_in, n_out, style) if is_monarch else weight
-        if not want:
+        dense = layer_to_dense(have, factors, n_in, n_out, style) if have is not None else weight
+        if want is None:
             out[f"{prefix}.weight"] = dense.to(dtype).contiguous()
             continue
-        proj = project_layer(prefix, dense, tgt["nblocks"], style, dtype)
-        out[f"{prefix}.blkdiag1"], out[f"{prefix}.blkdiag2"] = proj.w1, proj.w2
+        proj = project_layer(prefix, want, dense, target.nblocks, style, dtype)
+        out.update({f"{prefix}.{n}": f for n, f in zip(want.factor_names, proj.factors)})
         err_sq += proj.err_sq
         norm_sq += proj.norm_sq
         layers[prefix] = proj.rel_error
-        log(f"  {prefix:<44s} {n_out:>6d}x{n_in:<6d} nblocks={tgt['nblocks']:<3d} relative error {proj.rel_error:.6e}")
+        log(f"  {prefix:<44s} {n_out:>6d}x{n_in:<6d} nblocks={target.nblocks:<3d} relative error {proj.rel_error:.6e}")
     report: dict[str, Any] = {"projected_layers": layers}
     if layers:
         report["overall_relative_error"] = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
@@ -144,7 +155,7 @@ def convert_checkpoint(
         log(f"  warning: replicated tensors differ across TP ranks (rank 0's copy is used): {', '.join(disagree[:5])}")
     merged = merge_tp(src.modules)
     src.modules.clear()  # free the per-rank copies before converting (large models)
-    log(f"converting to {'dense' if tgt is None else 'Monarch ' + str(tgt)}, TP={tp}")
+    log(f"converting to {'dense' if tgt is None else KINDS[to].title + ' ' + str(tgt)}, TP={tp}")
     with torch.no_grad():
         state, report = convert_state(merged, widths, src_monarch, tgt, tp, log)
     del merged

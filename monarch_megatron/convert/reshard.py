@@ -9,14 +9,14 @@ Which entries are sharded, and how, is megatron-core's layout for the layers our
   the bias is replicated;
 * ``embedding.word_embeddings.weight`` and ``output_layer.{weight,bias}``: vocabulary-parallel,
   dim 0;
-* Monarch factors ``blkdiag1`` / ``blkdiag2``: :func:`~monarch_megatron.parallel.merge_monarch` /
-  :func:`~monarch_megatron.parallel.split_monarch` with the layer's style (exact); Monarch biases
-  follow the dense layer's layout;
+* structured factors (Monarch ``blkdiag1`` / ``blkdiag2``, block-diagonal ``blkdiag``): their
+  kind's merge / split (:mod:`monarch_megatron.parallel.kinds`) with the layer's style (exact);
+  their biases follow the dense layer's layout;
 * everything else (layer norms, position / token-type embeddings, pooler, heads, ``_extra_state``)
   is replicated: rank 0's copy is taken.
 
-The global form is a state dict with the same keys, holding full tensors; Monarch layers keep
-their ``blkdiag1`` / ``blkdiag2`` keys with the global factors.
+The global form is a state dict with the same keys, holding full tensors; structured layers keep
+their factor keys with the global factors.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..parallel import merge_monarch, split_monarch
+from ..parallel.kinds import FACTOR_KINDS
 from .checkpoint import ConversionError
 
 # megatron module name -> (our layer name, TP style)
@@ -34,7 +34,7 @@ LINEARS = {"linear_qkv": ("qkv", "column"), "linear_fc1": ("fc1", "column"),
            "linear_proj": ("proj", "row"), "linear_fc2": ("fc2", "row")}
 _LINEAR_KEY = re.compile(
     r"^(?P<prefix>.*\.layers\.\d+\.(?:self_attention|mlp)\.(?P<module>linear_qkv|linear_proj|linear_fc1|linear_fc2))"
-    r"\.(?P<param>weight|bias|blkdiag1|blkdiag2|_extra_state)$")
+    r"\.(?P<param>weight|bias|_extra_state|" + "|".join(FACTOR_KINDS) + r")$")
 _VOCAB_PARALLEL = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
 
 
@@ -48,7 +48,7 @@ def parse_linear_key(key: str) -> tuple[str, str, str, str] | None:
 
 
 def shard_dim(key: str) -> int | None:
-    """The dimension along which a dense / bias entry is TP-sharded, or None (replicated / Monarch)."""
+    """The dimension along which a dense / bias entry is TP-sharded, or None (replicated / structured factor)."""
     if key in _VOCAB_PARALLEL:
         return 0
     parsed = parse_linear_key(key)
@@ -79,15 +79,17 @@ def merge_tp(modules: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key, first in modules[0].items():
         parsed = parse_linear_key(key)
-        if parsed is not None and parsed[3] in ("blkdiag1", "blkdiag2"):
-            if parsed[3] == "blkdiag2":
-                continue  # merged with blkdiag1
+        if parsed is not None and parsed[3] in FACTOR_KINDS:
+            kind = FACTOR_KINDS[parsed[3]]
+            if parsed[3] != kind.factor_names[0]:
+                continue  # merged with the kind's first factor
             prefix, _, style, _ = parsed
+            names = [f"{prefix}.{n}" for n in kind.factor_names]
             try:
-                w1, w2 = merge_monarch([(sd[f"{prefix}.blkdiag1"], sd[f"{prefix}.blkdiag2"]) for sd in modules], style)
+                factors = kind.merge([tuple(sd[n] for n in names) for sd in modules], style)
             except (KeyError, ValueError) as err:
                 raise ConversionError(f"cannot merge the TP shards of {prefix}: {err}") from None
-            merged[f"{prefix}.blkdiag1"], merged[f"{prefix}.blkdiag2"] = w1, w2
+            merged.update(zip(names, factors))
             continue
         dim = shard_dim(key)
         if dim is None or not torch.is_tensor(first):
@@ -97,7 +99,7 @@ def merge_tp(modules: list[dict[str, Any]]) -> dict[str, Any]:
             if len(shapes) != 1:
                 raise ConversionError(f"TP shards of {key} differ in shape: {sorted(shapes)}")
             merged[key] = torch.cat([sd[key] for sd in modules], dim=dim)
-    # Keep the source key order (blkdiag2 right after blkdiag1).
+    # Keep the source key order (a kind's factors together).
     return {k: merged[k] for k in modules[0] if k in merged}
 
 
@@ -112,16 +114,18 @@ def split_tp(state: dict[str, Any], tp: int) -> list[dict[str, Any]]:
     shards: list[dict[str, Any]] = [{} for _ in range(tp)]
     for key, value in state.items():
         parsed = parse_linear_key(key)
-        if parsed is not None and parsed[3] == "blkdiag2":
-            continue
-        if parsed is not None and parsed[3] == "blkdiag1":
+        if parsed is not None and parsed[3] in FACTOR_KINDS:
+            kind = FACTOR_KINDS[parsed[3]]
+            if parsed[3] != kind.factor_names[0]:
+                continue  # split with the kind's first factor
             prefix, name, style, _ = parsed
+            names = [f"{prefix}.{n}" for n in kind.factor_names]
             try:
-                pairs = split_monarch(value, state[f"{prefix}.blkdiag2"], tp, style)
-            except ValueError as err:
+                per_rank = kind.split(tuple(state[n] for n in names), tp, style)
+            except (KeyError, ValueError) as err:
                 raise ConversionError(f"cannot shard {prefix} ({name}) over tensor_parallel={tp}: {err}") from None
-            for sd, (w1, w2) in zip(shards, pairs):
-                sd[f"{prefix}.blkdiag1"], sd[f"{prefix}.blkdiag2"] = w1, w2
+            for sd, factors in zip(shards, per_rank):
+                sd.update(zip(names, factors))
             continue
         dim = shard_dim(key)
         if dim is None or not torch.is_tensor(value):
@@ -141,7 +145,7 @@ def check_replicated_agree(modules: list[dict[str, Any]]) -> list[str]:
     bad = []
     for key, first in modules[0].items():
         parsed = parse_linear_key(key)
-        if not torch.is_tensor(first) or shard_dim(key) is not None or (parsed and parsed[3].startswith("blkdiag")):
+        if not torch.is_tensor(first) or shard_dim(key) is not None or (parsed and parsed[3] in FACTOR_KINDS):
             continue
         if any(sd[key].shape != first.shape or not torch.equal(sd[key], first) for sd in modules[1:]):
             bad.append(key)

@@ -19,13 +19,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..monarch import MonarchOptions
-from ..parallel import (
-    MonarchColumnParallelLinear,
-    MonarchRowParallelLinear,
-    SDPACoreAttention,
-    get_bert_layer_spec,
-    get_gpt_layer_spec,
-)
+from ..parallel import SDPACoreAttention, StructuredParallelLinear, get_bert_layer_spec, get_gpt_layer_spec
 from . import cross_entropy as fused_ce
 from .config import ModelConfig, MonarchConfig
 
@@ -163,7 +157,7 @@ def build_model(
 
 
 def parameter_report(model: torch.nn.Module) -> dict[str, int]:
-    """Global parameter counts (summed over TP shards): ``total``, ``monarch`` (in Monarch factors)
+    """Global parameter counts (summed over TP shards): ``total``, ``monarch`` (in structured factors)
     and ``dense_equivalent`` (the same model with every Monarch linear dense)."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
 
@@ -174,8 +168,8 @@ def parameter_report(model: torch.nn.Module) -> dict[str, int]:
     monarch = 0
     dense_weights = 0
     for module in model.modules():
-        if isinstance(module, (MonarchColumnParallelLinear, MonarchRowParallelLinear)):
-            monarch += global_numel(module.blkdiag1) + global_numel(module.blkdiag2)
+        if isinstance(module, StructuredParallelLinear):
+            monarch += sum(global_numel(f) for f in module.factors())
             dense_weights += module.input_size * module.output_size
     return {"total": total, "monarch": monarch, "dense_equivalent": total - monarch + dense_weights}
 

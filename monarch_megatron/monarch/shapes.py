@@ -58,13 +58,9 @@ def check_positive_int(name: str, value: object) -> int:
     return value
 
 
-def monarch_factor_shapes(in_features: int, out_features: int, nblocks: int) -> MonarchShape:
-    """Shapes of the factors of an ``in_features -> out_features`` Monarch matrix with ``nblocks`` blocks.
-
-    ``in_blk = ceil(in/b)``, ``out_blk = ceil(out/b)``; if ``in_blk < out_blk`` then
-    ``w1: (b, in_blk, in_blk)`` and ``w2: (b, out_blk, in_blk)``, else ``w1: (b, out_blk, in_blk)``
-    and ``w2: (b, out_blk, out_blk)``.
-    """
+def check_layer_args(in_features: int, out_features: int, nblocks: int) -> None:
+    """Raise a ``ValueError`` naming the argument unless all three are positive integers and
+    ``nblocks <= min(in_features, out_features)`` (every block has a real input and output)."""
     check_positive_int("in_features", in_features)
     check_positive_int("out_features", out_features)
     check_positive_int("nblocks", nblocks)
@@ -73,6 +69,16 @@ def monarch_factor_shapes(in_features: int, out_features: int, nblocks: int) -> 
             f"nblocks={nblocks} is larger than the layer's features (in_features={in_features}, "
             f"out_features={out_features}); it must be at most {min(in_features, out_features)}"
         )
+
+
+def monarch_factor_shapes(in_features: int, out_features: int, nblocks: int) -> MonarchShape:
+    """Shapes of the factors of an ``in_features -> out_features`` Monarch matrix with ``nblocks`` blocks.
+
+    ``in_blk = ceil(in/b)``, ``out_blk = ceil(out/b)``; if ``in_blk < out_blk`` then
+    ``w1: (b, in_blk, in_blk)`` and ``w2: (b, out_blk, in_blk)``, else ``w1: (b, out_blk, in_blk)``
+    and ``w2: (b, out_blk, out_blk)``.
+    """
+    check_layer_args(in_features, out_features, nblocks)
     b = nblocks
     in_blk = math.ceil(in_features / b)
     out_blk = math.ceil(out_features / b)

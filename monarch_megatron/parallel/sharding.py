@@ -20,6 +20,14 @@ block ``f % l`` at slot ``f // l``. Every shard is itself a Monarch factor pair:
   permutation ``f' % l`` equals the global one. The sum over ranks of
   ``monarch_multiply(x_r, w1_r, w2_r, output_permutation=True)`` is the full paper-order output.
   Needs ``k % t == 0`` and ``r % t == 0``.
+
+A block-diagonal factor ``w: (b, s, p)`` (:mod:`monarch_megatron.monarch.blockdiag`) shards the same
+way in both styles: block ``j`` reads input block ``j`` and writes output block ``j``, so a rank that
+owns the contiguous output blocks ``J = [t0*b/t, (t0+1)*b/t)`` (column: its contiguous output slice)
+or the contiguous input blocks ``J`` (row: its contiguous input slice) holds ``w[J]``, and the rank's
+product touches nothing else. Column: the rank reads input blocks ``J`` of the replicated input;
+row: the rank writes output blocks ``J`` of its partial output and zeros elsewhere, which megatron's
+all-reduce sums into the full output. Needs ``b % t == 0``.
 """
 
 from __future__ import annotations
@@ -148,3 +156,30 @@ def merge_monarch(
         w1 = torch.cat([w.reshape(k, a, lt, p) for w in w1s], dim=2).reshape(k, a * lt * t, p)
         return w1, torch.cat(w2s, dim=0)
     return torch.cat(w1s, dim=0), torch.cat(w2s, dim=2)
+
+
+def check_blockdiag_split(w_shape: tuple[int, int, int], tp_size: int, style: str, layer: str = "") -> None:
+    """Raise a ``ValueError`` unless a block-diagonal factor ``w: (b, s, p)`` shards over ``tp_size``
+    ranks (``b % tp_size == 0``; the same in both styles, module docstring)."""
+    _check_style(style)
+    if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+        raise ValueError(f"tp_size must be a positive integer, got tp_size={tp_size!r}")
+    if w_shape[0] % tp_size:
+        where = f" {layer}" if layer else ""
+        raise ValueError(f"cannot shard block-diagonal layer{where} with nblocks={w_shape[0]} (w {tuple(w_shape)}) "
+                         f"{style}-parallel over tp_size={tp_size}: nblocks must be a multiple of tp_size")
+
+
+def split_blockdiag(w: torch.Tensor, tp_size: int, style: str) -> list[torch.Tensor]:
+    """The ``tp_size`` shards ``w[J]`` (``(b/t, s, p)``, new contiguous tensors) of a global
+    block-diagonal factor ``w: (b, s, p)``, for either style (module docstring)."""
+    check_blockdiag_split(tuple(w.shape), tp_size, style)
+    return [part.clone() for part in w.detach().chunk(tp_size, dim=0)]
+
+
+def merge_blockdiag(shards: list[torch.Tensor] | tuple[torch.Tensor, ...], style: str) -> torch.Tensor:
+    """Inverse of :func:`split_blockdiag`: the global ``w: (b, s, p)`` from the per-rank shards."""
+    _check_style(style)
+    if len(shards) == 0 or any(w.dim() != 3 or w.shape != shards[0].shape for w in shards):
+        raise ValueError(f"block-diagonal shards must be 3-D and of one shape, got {[tuple(w.shape) for w in shards]}")
+    return torch.cat([w.detach() for w in shards], dim=0)

@@ -1,11 +1,13 @@
-"""BERT and GPT transformer-layer specs: megatron-core's local specs with Monarch linears swapped in.
+"""BERT and GPT transformer-layer specs: megatron-core's local specs with structured linears swapped in.
 
 ``get_bert_layer_spec(monarch)`` / ``get_gpt_layer_spec(monarch)`` start from megatron-core's own
 local specs (``bert_layer_local_spec``, ``get_gpt_layer_local_spec()``), deep-copied, and replace:
 
 * the linears that ``monarch.layers`` names (``fc1``, ``fc2``: MLP; ``qkv``, ``proj``: attention)
-  by :class:`MonarchColumnParallelLinear` (fc1, qkv) or :class:`MonarchRowParallelLinear` (fc2, proj)
-  with ``monarch.nblocks`` blocks;
+  by the column-parallel (fc1, qkv) or row-parallel (fc2, proj) layer of ``monarch.kind``
+  (:data:`~.layers.PARALLEL_LINEARS`: :class:`MonarchColumnParallelLinear` /
+  :class:`MonarchRowParallelLinear`, or their block-diagonal siblings) with ``monarch.nblocks``
+  blocks. This is the only way the structured layers enter megatron-core: no block is forked;
 * the core attention: Transformer Engine's where it is installed, else :class:`SDPACoreAttention`
   (``attention="auto"``); ``"sdpa"``, ``"local"`` (megatron's ``DotProductAttention``) and ``"te"``
   select one explicitly. With ``monarch=None`` and ``attention="local"`` the spec *is* megatron's.
@@ -24,7 +26,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..monarch import MonarchOptions
 from .attention import SDPACoreAttention
-from .layers import MonarchColumnParallelLinear, MonarchRowParallelLinear
+from .kinds import KINDS
+from .layers import PARALLEL_LINEARS
 
 MONARCH_LAYERS = ("fc1", "fc2", "qkv", "proj")
 ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
@@ -32,17 +35,20 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
 
 @dataclass
 class MonarchConfig:
-    """Which linears of every transformer layer are Monarch, and with how many blocks.
+    """Which linears of every transformer layer are structured, of which kind, with how many blocks.
 
-    ``layers`` is a subset of ``("fc1", "fc2", "qkv", "proj")``; ``nblocks`` divides into each
-    layer's widths as :func:`~monarch_megatron.monarch.monarch_factor_shapes` allows, and the TP size
-    must divide the layout (checked when the layer is built).
+    ``kind`` is ``"monarch"`` (default) or ``"blockdiag"`` (:data:`~.kinds.KINDS`); ``layers`` is a
+    subset of ``("fc1", "fc2", "qkv", "proj")``; ``nblocks`` divides into each layer's widths as the
+    kind's shapes allow, and the TP size must divide the layout (checked when the layer is built).
     """
 
     layers: tuple[str, ...] = MONARCH_LAYERS
     nblocks: int = 4
+    kind: str = "monarch"
 
     def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"MonarchConfig.kind must be one of {tuple(KINDS)}, got kind={self.kind!r}")
         layers = tuple(self.layers)  # YAML gives lists
         self.layers = layers
         unknown = [name for name in layers if name not in MONARCH_LAYERS]
@@ -50,6 +56,17 @@ class MonarchConfig:
             raise ValueError(f"MonarchConfig.layers must be distinct names from {MONARCH_LAYERS}, got {layers}")
         if isinstance(self.nblocks, bool) or not isinstance(self.nblocks, int) or self.nblocks < 1:
             raise ValueError(f"MonarchConfig.nblocks must be a positive integer, got nblocks={self.nblocks!r}")
+
+    def to_state(self) -> dict:
+        """The ``monarch`` entry of a checkpoint's ``run_state.json``: ``{layers, nblocks}``, plus
+        ``kind`` unless it is the default ``"monarch"`` (so Monarch entries read as they always have)."""
+        state = {"layers": list(self.layers), "nblocks": self.nblocks}
+        return state if self.kind == "monarch" else {"kind": self.kind, **state}
+
+    @classmethod
+    def from_state(cls, entry: dict) -> "MonarchConfig":
+        """Inverse of :meth:`to_state` (an entry without ``kind`` is Monarch)."""
+        return cls(layers=tuple(entry["layers"]), nblocks=int(entry["nblocks"]), kind=entry.get("kind", "monarch"))
 
 
 def _te_core_attention():
@@ -77,35 +94,37 @@ def core_attention_module(attention: str = "auto") -> type:
 
 def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
           options: MonarchOptions | None) -> ModuleSpec:
-    """A deep copy of a local TransformerLayer spec with the chosen submodules replaced; the Monarch
-    linears get ``options`` (backend, CUDA-graphed or not; None = the process default)."""
+    """A deep copy of a local TransformerLayer spec with the chosen submodules replaced; the
+    structured linears get ``options`` (Monarch backend, CUDA-graphed or not; None = the process
+    default)."""
     spec = copy.deepcopy(spec)
     attn = spec.submodules.self_attention.submodules
     mlp = spec.submodules.mlp.submodules
     attn.core_attention = core_attention_module(attention)
     if monarch is not None:
         layers = set(monarch.layers)
+        column, row = PARALLEL_LINEARS[monarch.kind]["column"], PARALLEL_LINEARS[monarch.kind]["row"]
         params = {"nblocks": monarch.nblocks, "options": options}
         if "qkv" in layers:
             # SelfAttention calls linear_qkv(...) directly rather than through build_module, so
             # it must be a callable class, not a ModuleSpec.
-            attn.linear_qkv = functools.partial(MonarchColumnParallelLinear, **params)
+            attn.linear_qkv = functools.partial(column, **params)
         if "proj" in layers:
-            attn.linear_proj = ModuleSpec(module=MonarchRowParallelLinear, params=dict(params))
+            attn.linear_proj = ModuleSpec(module=row, params=dict(params))
         if "fc1" in layers:
-            mlp.linear_fc1 = ModuleSpec(module=MonarchColumnParallelLinear, params=dict(params))
+            mlp.linear_fc1 = ModuleSpec(module=column, params=dict(params))
         if "fc2" in layers:
-            mlp.linear_fc2 = ModuleSpec(module=MonarchRowParallelLinear, params=dict(params))
+            mlp.linear_fc2 = ModuleSpec(module=row, params=dict(params))
     return spec
 
 
 def get_bert_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto",
                         options: MonarchOptions | None = None) -> ModuleSpec:
-    """BERT layer spec (padding-mask attention): megatron's local spec with Monarch / SDPA swaps."""
+    """BERT layer spec (padding-mask attention): megatron's local spec with structured / SDPA swaps."""
     return _swap(bert_layer_local_spec, monarch, attention, options)
 
 
 def get_gpt_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto",
                        options: MonarchOptions | None = None) -> ModuleSpec:
-    """GPT layer spec (causal attention): megatron's local spec with Monarch / SDPA swaps."""
+    """GPT layer spec (causal attention): megatron's local spec with structured / SDPA swaps."""
     return _swap(get_gpt_layer_local_spec(), monarch, attention, options)

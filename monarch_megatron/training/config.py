@@ -16,7 +16,8 @@ A run is one YAML file (see configs/demo.yaml for an annotated example). Top-lev
     training:   total_steps, micro_batch_size, global_batch_size, seq_length, intervals, keep_last,
                 max_nonfinite_steps (the non-finite guard), init_from (start a new run from a
                 checkpoint's model weights)
-    phases:     list; each: name, steps | share, monarch {layers, nblocks} | null (dense), and
+    phases:     list; each: name, steps | share, monarch {kind monarch|blockdiag, layers, nblocks} |
+                null (dense), and
                 optional seq_length / micro_batch_size / global_batch_size / optimizer /
                 lr_schedule overrides, optimizer_state fresh|keep, rewarmup_steps
 
@@ -36,8 +37,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..monarch import monarch_factor_shapes
-from ..parallel.sharding import check_monarch_split
+from ..parallel.kinds import KINDS
 from ..parallel.specs import MONARCH_LAYERS
 from .schema_io import ConfigError, apply_override, build, load_yaml, parse_override, to_plain
 
@@ -157,8 +157,12 @@ class TrainingSection:
 
 @dataclass
 class MonarchSection:
+    """A phase's structured layers: ``kind`` monarch (default) | blockdiag (parallel/kinds.py),
+    which ``layers`` of every transformer layer, ``nblocks`` blocks."""
+
     layers: list[str] = field(default_factory=lambda: list(MONARCH_LAYERS))
     nblocks: int = 4
+    kind: str = "monarch"
 
 
 @dataclass
@@ -211,6 +215,10 @@ class RunConfig:
             d["training"].pop(k)
         d["data"].pop("cache_dir")
         d["data"].pop("num_workers")
+        for phase in d["phases"]:
+            # The default kind is left out, so configs written before kinds existed keep their hash.
+            if phase["monarch"] is not None and phase["monarch"]["kind"] == "monarch":
+                del phase["monarch"]["kind"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -271,6 +279,8 @@ def monarch_layer_widths(m: ModelSection) -> dict[str, tuple[int, int, str]]:
 
 def _validate_monarch(cfg: RunConfig, mon: MonarchSection, path: str) -> None:
     tp = cfg.parallel.tensor_model_parallel_size
+    if mon.kind not in KINDS:
+        raise ConfigError(f"{path}.kind", f"unknown layer kind {mon.kind!r}; choose from {', '.join(KINDS)}")
     if not mon.layers:
         raise ConfigError(f"{path}.layers", "must name at least one of fc1, fc2, qkv, proj (use monarch: null for dense)")
     for i, name in enumerate(mon.layers):
@@ -279,17 +289,14 @@ def _validate_monarch(cfg: RunConfig, mon: MonarchSection, path: str) -> None:
     if len(set(mon.layers)) != len(mon.layers):
         raise ConfigError(f"{path}.layers", "names a layer twice")
     _positive(mon.nblocks, f"{path}.nblocks")
+    # Ranks own whole blocks, in both kinds: the one TP-vs-nblocks rule (the kind's layout may add one).
     if mon.nblocks % tp:
         raise ConfigError(f"{path}.nblocks", f"nblocks={mon.nblocks} is not divisible by tensor_model_parallel_size={tp}")
     widths = monarch_layer_widths(cfg.model)
     for name in mon.layers:
         n_in, n_out, style = widths[name]
         try:
-            shape = monarch_factor_shapes(n_in, n_out, mon.nblocks)
-            if tp > 1:
-                if (style == "column" and n_out % mon.nblocks) or (style == "row" and n_in % mon.nblocks):
-                    raise ValueError(f"{name} widths {n_in}->{n_out} must be multiples of nblocks to shard over TP")
-                check_monarch_split(shape.w1_shape, shape.w2_shape, tp, style, name)
+            KINDS[mon.kind].check_tp(n_in, n_out, mon.nblocks, tp, style, name)
         except ValueError as err:
             raise ConfigError(f"{path}.nblocks", f"layer {name}: {err}") from None
 

@@ -6,6 +6,7 @@ for any config, BERT-large included.
 
 from __future__ import annotations
 
+from ..parallel.kinds import layer_kind
 from .config import RunConfig, describe_world
 from .flops import count_parameters, train_flops_per_sequence
 from .phases import build_plan, total_steps
@@ -28,12 +29,13 @@ def dry_run_report(cfg: RunConfig) -> str:
     for ph in plan:
         p = count_parameters(cfg.model, cfg.vocab_size, ph.monarch)
         flops = train_flops_per_sequence(cfg.model, cfg.vocab_size, ph.monarch, ph.seq_length, ph.head_positions) * ph.global_batch_size
+        title = "Monarch" if ph.monarch is None else layer_kind(ph.monarch.kind).title
         mon = "dense (stock megatron-core local spec)" if ph.monarch is None else \
-            f"monarch layers={','.join(ph.monarch.layers)} nblocks={ph.monarch.nblocks}"
+            f"{ph.monarch.kind} layers={','.join(ph.monarch.layers)} nblocks={ph.monarch.nblocks}"
         lr0, lr1 = learning_rate(ph, ph.start, total), learning_rate(ph, ph.end - 1, total)
         lines += [
             f"[{ph.index}] {ph.name}: steps {ph.start}..{ph.end - 1} ({ph.steps} steps, {ph.kind}); {mon}",
-            f"    params: total {_m(p['total'])} ({p['total']:,}), in Monarch factors {_m(p['monarch'])}, "
+            f"    params: total {_m(p['total'])} ({p['total']:,}), in {title} factors {_m(p['monarch'])}, "
             f"dense equivalent {_m(p['dense_equivalent'])}",
             f"    batch: seq {ph.seq_length}, micro {ph.micro_batch_size}, global {ph.global_batch_size}, "
             f"accumulation {ph.grad_accumulation(lay['dp'])} (global = micro x accumulation x DP {lay['dp']}); "

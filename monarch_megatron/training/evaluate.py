@@ -52,7 +52,7 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, phase: str | None = Non
     plan = build_plan(cfg)
     data_phase = plan[_phase_index(cfg, state, phase)]
     mon = state.get("monarch")
-    monarch = None if mon is None else MonarchConfig(layers=tuple(mon["layers"]), nblocks=int(mon["nblocks"]))
+    monarch = None if mon is None else MonarchConfig.from_state(mon)
     model_cfg = Trainer.model_config(cfg)
     seed_everything(cfg.seed)
     model = build_model(model_cfg, monarch, "fp32")

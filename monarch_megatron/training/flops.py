@@ -2,15 +2,15 @@
 
 No model is built (``--dry-run`` must work on a CPU without process groups, for BERT-large too).
 The counts follow megatron-core's ``BertModel`` / ``GPTModel`` with the local layer spec; a test
-checks them against real models. FLOPs count Monarch layers honestly: a Monarch linear costs
-``2 * (numel(w1) + numel(w2))`` multiply-adds-times-two per token (its two batched GEMMs on the
-padded widths), not the dense layer's ``2 * in * out``.
+checks them against real models. FLOPs count structured layers honestly: a Monarch linear costs
+``2 * (numel(w1) + numel(w2))`` per token (its two batched GEMMs on the padded widths), a
+block-diagonal one ``2 * numel(w)`` (one batched GEMM), not the dense layer's ``2 * in * out``.
 """
 
 from __future__ import annotations
 
 from ..models.config import MonarchConfig
-from ..monarch import monarch_factor_shapes
+from ..parallel.kinds import layer_kind
 from .config import ModelSection, monarch_layer_widths
 
 
@@ -25,14 +25,14 @@ def linear_weights(m: ModelSection, monarch: MonarchConfig | None) -> dict[str, 
     for name, (n_in, n_out, _) in monarch_layer_widths(m).items():
         dense = n_in * n_out
         if monarch is not None and name in monarch.layers:
-            out[name] = (monarch_factor_shapes(n_in, n_out, monarch.nblocks).num_params, dense)
+            out[name] = (layer_kind(monarch.kind).num_params(n_in, n_out, monarch.nblocks), dense)
         else:
             out[name] = (dense, dense)
     return out
 
 
 def count_parameters(m: ModelSection, vocab: int, monarch: MonarchConfig | None) -> dict[str, int]:
-    """Global parameter counts: ``total``, ``monarch`` (factor elements), ``dense_equivalent``."""
+    """Global parameter counts: ``total``, ``monarch`` (factor elements, either kind), ``dense_equivalent``."""
     h, f = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size
     v = _padded_vocab(m, vocab)
     weights = linear_weights(m, monarch)

@@ -60,7 +60,7 @@ def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
 
     Raises:
         ConfigError: (key ``training.init_from``) missing / incomplete checkpoint, other model
-            sizes (each named), other structure (phase_kind, Monarch layers or nblocks), other TP
+            sizes (each named), other structure (phase_kind, layer kind, Monarch layers or nblocks), other TP
             size, model files that do not match the sizes and SHA-256 recorded at the save.
     """
     path = cfg.training.init_from
@@ -88,24 +88,28 @@ def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
         raise ConfigError(KEY, f"{path} holds a different model: {'; '.join(differences)}")
     first = cfg.phases[0]
     want = "dense" if first.monarch is None else "monarch"
+    to = "dense" if first.monarch is None else first.monarch.kind  # the convert_checkpoint.py target
     have = state["phase_kind"]
     if have != want:
-        hint = _convert_hint(path, want, first.monarch.nblocks if first.monarch else None)
+        hint = _convert_hint(path, to, first.monarch.nblocks if first.monarch else None)
         raise ConfigError(KEY, f"{path} is a {have} checkpoint (phase_kind) but the run's first phase phases[0] "
                           f"({first.name!r}) is {want}; convert it first: {hint}")
     if first.monarch is not None:
         mon = state.get("monarch") or {}
+        hint = _convert_hint(path, to, first.monarch.nblocks)
+        if mon.get("kind", "monarch") != first.monarch.kind:
+            raise ConfigError(KEY, f"{path} has {mon.get('kind', 'monarch')} layers but phases[0].monarch.kind is "
+                              f"{first.monarch.kind}; convert it: {hint} --layers {','.join(first.monarch.layers)}")
         if sorted(mon.get("layers") or []) != sorted(first.monarch.layers):
             raise ConfigError(KEY, f"{path} has Monarch layers {mon.get('layers')} but phases[0].monarch.layers is "
-                              f"{list(first.monarch.layers)}; convert it: {_convert_hint(path, 'monarch', first.monarch.nblocks)} "
-                              f"--layers {','.join(first.monarch.layers)}")
+                              f"{list(first.monarch.layers)}; convert it: {hint} --layers {','.join(first.monarch.layers)}")
         if mon.get("nblocks") != first.monarch.nblocks:
             raise ConfigError(KEY, f"{path} has Monarch nblocks={mon.get('nblocks')} but phases[0].monarch.nblocks is "
-                              f"{first.monarch.nblocks}; convert it: {_convert_hint(path, 'monarch', first.monarch.nblocks)}")
+                              f"{first.monarch.nblocks}; convert it: {hint}")
     tp, run_tp = int(state["tensor_model_parallel_size"]), cfg.parallel.tensor_model_parallel_size
     if tp != run_tp:
         raise ConfigError(KEY, f"{path} has tensor_model_parallel_size={tp} but this run has "
-                          f"parallel.tensor_model_parallel_size={run_tp}; reshard it: {_convert_hint(path, want, tp=run_tp)}")
+                          f"parallel.tensor_model_parallel_size={run_tp}; reshard it: {_convert_hint(path, to, tp=run_tp)}")
     missing = [MODEL_FILE.format(r) for r in range(tp) if not os.path.isfile(os.path.join(path, MODEL_FILE.format(r)))]
     if missing:
         raise ConfigError(KEY, f"{path} is not a complete checkpoint: {', '.join(missing)} missing")

@@ -108,7 +108,7 @@ class Trainer:
             "phase_consumed_samples": (self.step - phase.start) * phase.global_batch_size,
             "config_hash": self.cfg.config_hash(), "run_name": self.cfg.run_name,
             "model": {**to_plain(self.cfg.model), "vocab_size": self.cfg.vocab_size},
-            "monarch": None if phase.monarch is None else {"layers": list(phase.monarch.layers), "nblocks": phase.monarch.nblocks},
+            "monarch": None if phase.monarch is None else phase.monarch.to_state(),
             "precision": self.cfg.precision.dtype, "tensor_model_parallel_size": self.layout.tp,
             "data_parallel_size": self.layout.dp, "world_size": self.layout.world,
         }

@@ -1,8 +1,9 @@
 """The phase plan: each phase of the config resolved to concrete numbers.
 
-A phase covers global steps ``[start, start + steps)``; its model is Monarch (``monarch`` set) or
-dense (``monarch is None``). Everything the loop needs per phase is resolved here once, so the loop
-and resume logic never look at raw config overrides.
+A phase covers global steps ``[start, start + steps)``; its model is structured (``monarch`` set:
+Monarch or block-diagonal layers, ``monarch.kind``) or dense (``monarch is None``). Everything the
+loop needs per phase is resolved here once, so the loop and resume logic never look at raw config
+overrides.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .config import (
 
 @dataclass(frozen=True)
 class Phase:
-    """One resolved phase (see module docstring). ``kind`` is "monarch" or "dense"."""
+    """One resolved phase (see module docstring). ``kind`` is "monarch" (structured layers of either
+    kind: ``monarch.kind``) or "dense"; it is the checkpoints' ``phase_kind``."""
 
     index: int
     name: str
@@ -56,9 +58,7 @@ class Phase:
 
     def same_structure(self, other: "Phase") -> bool:
         """True when both phases build the same parameters (so weights copy over as they are)."""
-        a = None if self.monarch is None else (tuple(self.monarch.layers), self.monarch.nblocks)
-        b = None if other.monarch is None else (tuple(other.monarch.layers), other.monarch.nblocks)
-        return a == b
+        return self.monarch == other.monarch
 
 
 def build_plan(cfg: RunConfig) -> list[Phase]:
@@ -70,7 +70,8 @@ def build_plan(cfg: RunConfig) -> list[Phase]:
         head = None
         if cfg.model.kind == "bert" and t.mlm_head_masked_only:
             head = masked_positions_bound(seq, cfg.data.masked_lm_prob)
-        monarch = None if ph.monarch is None else MonarchConfig(layers=tuple(ph.monarch.layers), nblocks=ph.monarch.nblocks)
+        monarch = None if ph.monarch is None else MonarchConfig(layers=tuple(ph.monarch.layers), nblocks=ph.monarch.nblocks,
+                                                                kind=ph.monarch.kind)
         plan.append(Phase(
             index=i, name=ph.name, start=start, steps=n, monarch=monarch,
             seq_length=seq,

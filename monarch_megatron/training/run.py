@@ -78,12 +78,12 @@ def check_resume_model(cfg: RunConfig) -> None:
                           f"{len(plan)} phase(s)")
     phase = plan[i]
     mon = state.get("monarch")
-    have = None if mon is None else (sorted(mon.get("layers") or []), mon.get("nblocks"))
-    want = None if phase.monarch is None else (sorted(phase.monarch.layers), phase.monarch.nblocks)
+    have = None if mon is None else (mon.get("kind", "monarch"), sorted(mon.get("layers") or []), mon.get("nblocks"))
+    want = None if phase.monarch is None else (phase.monarch.kind, sorted(phase.monarch.layers), phase.monarch.nblocks)
     if have != want:
         raise ConfigError(f"phases[{i}].monarch", f"checkpoint {path} was written by phase {state['phase']!r} with "
                           f"monarch {mon}, but phases[{i}] ({phase.name!r}) of this config is "
-                          f"{'dense' if want is None else f'monarch layers={want[0]} nblocks={want[1]}'}")
+                          f"{'dense' if want is None else f'{want[0]} layers={want[1]} nblocks={want[2]}'}")
     if state["step"] > phase.end:
         raise ConfigError("training.total_steps", f"checkpoint {path} is at step {state['step']}, past the end of "
                           f"phases[{i}] ({phase.name!r}, step {phase.end}) in this config")

@@ -1,9 +1,9 @@
 """Phase transitions inside the running job, including the Monarch -> dense switch.
 
-The switch (reverse sparsification, DESIGN.md): the last Monarch checkpoint has already been
-saved by the loop; here the Monarch model is converted in memory, exactly
-(:func:`monarch_megatron.convert.dense_state_dict_from_monarch`: ``to_dense`` of this rank's factors
-in megatron's TP layout, no communication), the dense model is built from megatron-core's stock local
+The switch (reverse sparsification, DESIGN.md): the last structured (Monarch or block-diagonal)
+checkpoint has already been saved by the loop; here the model is converted in memory, exactly
+(:func:`monarch_megatron.convert.dense_state_dict_from_monarch`: the dense matrix of this rank's
+factors in megatron's TP layout, no communication), the dense model is built from megatron-core's stock local
 spec (``build_model(..., monarch=None)``), the converted weights are loaded, and a new DeepSpeed
 engine is created for the new phase.
 
@@ -26,6 +26,7 @@ import torch
 
 from ..convert import dense_state_dict_from_monarch
 from ..models import build_model, forward_step
+from ..parallel.kinds import FACTOR_KINDS
 from .distributed import all_reduce_mean, seed_everything
 from .engine import build_engine, release
 from .phases import Phase
@@ -71,7 +72,7 @@ def next_phase_weights(engine, old: Phase, new: Phase, precision: str) -> dict[s
         state = engine.module.state_dict()
         return {k: params.get(k, v) for k, v in state.items()}
     if old.kind == "monarch" and new.kind == "dense":
-        factors = {k: v for k, v in params.items() if k.endswith((".blkdiag1", ".blkdiag2"))}
+        factors = {k: v for k, v in params.items() if k.rsplit(".", 1)[-1] in FACTOR_KINDS}
         dense = dense_state_dict_from_monarch(engine.module, fp32_factors=factors, dtype=torch.float32)
         # Non-Monarch parameters start from their fp32 masters (buffers / extra state as they are).
         return {k: params.get(k, v) for k, v in dense.items()}
