@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# BERT-large pretraining with Monarch layers, then the exact switch to dense (reverse sparsification).
+# BERT-large pretraining with structured layers, then the exact switch to dense (reverse sparsification).
+# Default: configs/bert_large_monarch.yaml (this project's recipe: Monarch MLP and attention).
 #
 #   sbatch slurm/bert_large_monarch.sh                                 # from the repository root
 #   sbatch --nodes=4 slurm/bert_large_monarch.sh output_dir=/shared/runs/bert1 training.micro_batch_size=32
+#   CONFIG=configs/bert_large_blockdiag.yaml sbatch slurm/bert_large_monarch.sh   # the paper's recipe (block-diagonal MLP)
 #   CONFIG=configs/bert_large_dense.yaml sbatch slurm/bert_large_monarch.sh   # the dense baseline
 #
 # Arguments: key=value config overrides (or --config FILE, --dry-run); environment knobs are listed

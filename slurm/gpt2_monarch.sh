@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPT-2 pretraining with Monarch layers for 90% of the steps, then dense (reverse sparsification).
+# Default: configs/gpt2_small_monarch.yaml (the paper's recipe: Monarch MLP, attention dense).
 #
 #   sbatch slurm/gpt2_monarch.sh                                 # from the repository root
 #   sbatch --nodes=4 slurm/gpt2_monarch.sh output_dir=/shared/runs/gpt2s
 #   CONFIG=configs/gpt2_medium_monarch.yaml sbatch --nodes=2 slurm/gpt2_monarch.sh   # GPT-2 medium
+#   CONFIG=configs/gpt2_small_monarch_attn.yaml sbatch slurm/gpt2_monarch.sh   # ours: Monarch attention too
 #
 # Arguments: key=value config overrides (or --config FILE, --dry-run); environment knobs are listed
 # in slurm/common.sh (CONFIG, OVERRIDES, NPROC, CONTAINER_IMAGE, CONTAINER_MOUNTS, ...).

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH_SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 ALL_SCRIPTS = BATCH_SCRIPTS + sorted((REPO / "tests" / "slurm").glob("*.sh"))
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-RECIPES = ["bert_large_monarch.yaml", "bert_large_dense.yaml", "gpt2_small_monarch.yaml", "gpt2_medium_monarch.yaml"]
+RECIPES = ["bert_large_monarch.yaml", "bert_large_blockdiag.yaml", "bert_large_dense.yaml", "gpt2_small_monarch.yaml",
+           "gpt2_medium_monarch.yaml", "gpt2_small_monarch_attn.yaml", "gpt2_medium_monarch_attn.yaml"]
 
 
 def _pretrain_main():
@@ -32,6 +33,17 @@ def _pretrain_main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+def _demo_data() -> list[str]:
+    """Overrides pointing a recipe at the demo's indexed data (built once, shared with the trainer
+    tests): --dry-run checks that the data exist, and the recipes' data/wiki and data/owt are not here."""
+    from monarch_megatron.data.demo_corpus import prepare_demo_data
+
+    from tiny_demo import DATA
+
+    prefix, model = prepare_demo_data(DATA)
+    return [f"data.prefix={prefix}", f"data.tokenizer_model={model}"]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -77,16 +89,7 @@ def test_config_passes_dry_run(config: Path, world: str | None, monkeypatch, cap
         if config.name == "demo.yaml":
             pytest.skip("the demo is a one-process CPU run")
         monkeypatch.setenv("WORLD_SIZE", world)
-    # --dry-run also checks that the data exist; the recipes' data/wiki and data/owt are not here,
-    # so they read the demo's indexed data (built once, shared with the trainer tests).
-    data = []
-    if "source: indexed" in config.read_text():
-        from monarch_megatron.data.demo_corpus import prepare_demo_data
-
-        from tiny_demo import DATA
-
-        prefix, model = prepare_demo_data(DATA)
-        data = [f"data.prefix={prefix}", f"data.tokenizer_model={model}"]
+    data = _demo_data() if "source: indexed" in config.read_text() else []
     rc = _pretrain_main()(["--config", str(config), "--dry-run", *data])
     out = capsys.readouterr()
     assert rc == 0, out.err
@@ -122,7 +125,7 @@ def test_batch_script_rejects_unknown_arguments(args):
 def test_batch_script_outside_slurm_runs_torchrun_with_config_and_overrides():
     """CONFIG / OVERRIDES from the environment, command-line overrides applied after them."""
     env = _clean_env(NPROC="1", PYTHON=sys.executable, CONFIG="configs/gpt2_small_monarch.yaml",
-                     OVERRIDES="training.total_steps=500 run_name=from_env")
+                     OVERRIDES=" ".join(["training.total_steps=500", "run_name=from_env", *_demo_data()]))
     res = subprocess.run(["bash", "slurm/bert_large_monarch.sh", "training.total_steps=700", "--dry-run"],
                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     out = res.stdout + res.stderr
@@ -141,7 +144,7 @@ def test_two_node_launch_forms_one_world():
     for node in (0, 1):
         env = _clean_env(NPROC="1", PYTHON=sys.executable, SLURM_NNODES="2", SLURM_NODEID=str(node),
                          MASTER_PORT=port, CONFIG="configs/bert_large_monarch.yaml")
-        procs.append(subprocess.Popen(["bash", "slurm/bert_large_monarch.sh", "--dry-run"], cwd=REPO, env=env,
+        procs.append(subprocess.Popen(["bash", "slurm/bert_large_monarch.sh", "--dry-run", *_demo_data()], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     try:
