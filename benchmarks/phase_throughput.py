@@ -2,6 +2,7 @@
 
     python benchmarks/phase_throughput.py                                  # every case, the fast step
     python benchmarks/phase_throughput.py --cases bert-large-64 --paths fast,plain
+    python benchmarks/phase_throughput.py --cases paper,bert-large-64,gpt2-medium-8   # the paper's configurations next to ours
     python benchmarks/phase_throughput.py --compare-losses bert-large-64   # fast vs plain losses, dropout off
 
 Each case runs ``launcher/pretrain.py`` on a recipe config (configs/*.yaml) with overrides that
@@ -41,21 +42,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASHEET_TFLOPS = 989.0   # H100/H200 SXM dense bf16/fp16 (the usual MFU denominator)
 MEASURED_TFLOPS = 790.0    # an 8192^3 bf16 matrix product on these machines (../shared/device/README.md)
 
+# The paper's recipe (configs/bert_large_blockdiag.yaml) warms up over a fixed 2000 / 200 steps;
+# here both phases take the benchmark's warm-up fraction, as the other BERT cases do.
+_FRACTION_WARMUP = ["lr_schedule.warmup_steps=null", "phases.1.lr_schedule=null"]
 # name: (config, micro batch, accumulation, precision, extra overrides)
 CASES = {
+    # This project's layers: Monarch in the MLP and the attention projections.
     "bert-large-64": ("bert_large_monarch.yaml", 64, 4, "bf16", ["optimizer.name=adamw", "optimizer.lr=1e-4"]),
     "bert-large-256": ("bert_large_monarch.yaml", 256, 4, "bf16", ["optimizer.name=adamw", "optimizer.lr=1e-4"]),
     "bert-large-64-fp16-lamb": ("bert_large_monarch.yaml", 64, 4, "fp16", []),
-    "gpt2-small-16": ("gpt2_small_monarch.yaml", 16, 4, "bf16", []),
-    "gpt2-small-32": ("gpt2_small_monarch.yaml", 32, 4, "bf16", []),
-    "gpt2-medium-8": ("gpt2_medium_monarch.yaml", 8, 4, "bf16", []),
-    "gpt2-medium-16": ("gpt2_medium_monarch.yaml", 16, 4, "bf16", []),
-    # Monarch in the MLP only, attention dense: the layers of the paper authors' released OWT configs.
-    "gpt2-medium-8-mlp": ("gpt2_medium_monarch.yaml", 8, 4, "bf16", ["phases.0.monarch.layers=[fc1,fc2]"]),
+    "gpt2-small-16": ("gpt2_small_monarch_attn.yaml", 16, 4, "bf16", []),
+    "gpt2-small-32": ("gpt2_small_monarch_attn.yaml", 32, 4, "bf16", []),
+    "gpt2-medium-8": ("gpt2_medium_monarch_attn.yaml", 8, 4, "bf16", []),
+    "gpt2-medium-16": ("gpt2_medium_monarch_attn.yaml", 16, 4, "bf16", []),
     "bert-large-64-mlp": ("bert_large_monarch.yaml", 64, 4, "bf16",
                           ["optimizer.name=adamw", "optimizer.lr=1e-4", "phases.0.monarch.layers=[fc1,fc2]"]),
+    # The paper's configurations (the authors' released ones, README "Recipes"): BERT-large with a
+    # block-diagonal MLP (nblocks 4), attention dense; GPT-2 with a Monarch MLP, attention dense.
+    "bert-large-blockdiag-64": ("bert_large_blockdiag.yaml", 64, 4, "bf16",
+                                ["optimizer.name=adamw", "optimizer.lr=1e-4", *_FRACTION_WARMUP]),
+    "bert-large-blockdiag-256": ("bert_large_blockdiag.yaml", 256, 4, "bf16",
+                                 ["optimizer.name=adamw", "optimizer.lr=1e-4", *_FRACTION_WARMUP]),
+    "bert-large-blockdiag-64-fp16-lamb": ("bert_large_blockdiag.yaml", 64, 4, "fp16", _FRACTION_WARMUP),
+    "gpt2-small-16-mlp": ("gpt2_small_monarch.yaml", 16, 4, "bf16", []),
+    "gpt2-medium-8-mlp": ("gpt2_medium_monarch.yaml", 8, 4, "bf16", []),
 }
 DEFAULT_CASES = "bert-large-64,bert-large-256,gpt2-small-16,gpt2-medium-8,bert-large-64-fp16-lamb"
+PAPER_CASES = "bert-large-blockdiag-64,bert-large-blockdiag-256,gpt2-medium-8-mlp,gpt2-small-16-mlp"
+# --cases also takes these names for their lists.
+CASE_GROUPS = {"default": DEFAULT_CASES, "paper": PAPER_CASES}
 
 
 DATA_CACHE = os.path.join(tempfile.gettempdir(), "phase_throughput_data")  # demo corpus, built once
@@ -159,7 +174,8 @@ def compare_losses(case: str, steps: int, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, from: {', '.join(CASES)}")
+    parser.add_argument("--cases", default=DEFAULT_CASES,
+                        help=f"comma-separated, from: {', '.join(CASES)}; or a group: default, paper ({PAPER_CASES})")
     parser.add_argument("--paths", default="fast", help="fast, plain or fast,plain")
     parser.add_argument("--steps", type=int, default=40, help="steps per phase")
     parser.add_argument("--skip", type=int, default=8, help="warm-up steps of each phase left out of the medians")
@@ -193,7 +209,12 @@ def main() -> int:
     if args.compare_losses:
         results["compare"] = compare_losses(args.compare_losses, args.compare_steps, args)
         save()
-    for case in args.cases.split(",") if args.cases else []:
+    cases = [c for name in (args.cases.split(",") if args.cases else [])
+             for c in CASE_GROUPS.get(name, name).split(",")]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join([*CASE_GROUPS, *CASES])}")
+    for case in cases:
         for path in args.paths.split(","):
             if not budget_left():
                 print(f"skipping {case} {path}: time budget", flush=True)
