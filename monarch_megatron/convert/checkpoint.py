@@ -134,6 +134,14 @@ def check_output_path(output: str, inputs: str, force: bool) -> str:
     return out
 
 
+def _own_storage(value: Any) -> Any:
+    """``value``, copied when it is a view into a larger storage: torch.save writes a view's whole
+    storage (a TP shard or a slice of a flat buffer would carry all of it)."""
+    if torch.is_tensor(value) and value.untyped_storage().nbytes() != value.numel() * value.element_size():
+        return value.clone()
+    return value
+
+
 def write_checkpoint(
     output: str,
     modules: list[dict[str, Any]],
@@ -167,7 +175,8 @@ def write_checkpoint(
             meta["param_shapes"] = [OrderedDict((k, v.shape) for k, v in module.items()
                                                 if torch.is_tensor(v) and not k.endswith("_extra_state"))]
             meta["run_state"] = run_state
-            torch.save({"module": module, **meta}, os.path.join(stage, MODEL_FILE.format(rank)))
+            torch.save({"module": {k: _own_storage(v) for k, v in module.items()}, **meta},
+                       os.path.join(stage, MODEL_FILE.format(rank)))
         write_run_state(stage, run_state)
         if os.path.lexists(output) and not force:  # appeared while we were converting
             raise ConversionError(f"output {output} exists; pass --force to replace it")

@@ -145,6 +145,10 @@ def convert_checkpoint(
     src_monarch = src.run_state.get("monarch") if src.run_state["phase_kind"] == "monarch" else None
     tgt = _target(to, nblocks, layers, src_monarch)
     tp = tensor_parallel or src.tp_size
+    if tgt == src_monarch:
+        same = "dense" if tgt is None else f"{to} {tgt}"
+        log(f"  note: the input already is {same}: the output is an exact copy of its weights"
+            + (f", resharded from TP={src.tp_size} to TP={tp}" if tp != src.tp_size else ""))
     model, widths = _model_widths(src.run_state)
     if model.num_attention_heads % tp:
         raise ConversionError(f"--tensor-parallel {tp} does not divide num_attention_heads={model.num_attention_heads}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..models import ModelConfig, forward_step
 from .batches import PhaseData, prepare_data
 from .checkpoint import CheckpointManager, checkpoint_tag
 from .config import RunConfig
+from .dryrun import plan_lines
 from .distributed import Layout, all_reduce_mean, seed_everything, step_seed
 from .engine import grad_norm, loss_scale, set_learning_rate
 from .flops import train_flops_per_sequence
@@ -305,6 +307,11 @@ class Trainer:
             with open(os.path.join(self.cfg.output_dir, "config.yaml"), "w") as f:
                 f.write(self.cfg.to_yaml())
         self.ckpt.clean_staging()
+        # train.log appends across resumes: each start is marked, with the plan it runs.
+        logger.info("===== run started on %s (pid %d), %s: %s =====", socket.gethostname(), os.getpid(),
+                    time.strftime("%Y-%m-%d %H:%M:%S %Z"), self.cfg.output_dir)
+        for line in plan_lines(self.cfg):
+            logger.info("%s", line)
         phase = self._start()
         self.metrics.resume_at(self.step)  # metrics.jsonl: each step once, whatever was logged past it before
         logger.info("optimizer: %s; precision %s; TP %d x DP %d", self.optimizer_desc, self.cfg.precision.dtype,
