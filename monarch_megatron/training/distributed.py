@@ -162,13 +162,19 @@ def step_seed(seed: int, step: int, dp_rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + dp_rank * 104_729) % (2**31 - 1)
 
 
+def mean_over(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``t`` in float64, averaged elementwise over ``group`` (one all-reduce; a float64 ``t`` is
+    reduced in place, so pass a tensor of your own)."""
+    t = t.to(torch.float64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+        t /= dist.get_world_size(group)
+    return t
+
+
 def all_reduce_mean(values: list[float], group: dist.ProcessGroup | None) -> list[float]:
     """Mean of each value over ``group`` (float64 on the accelerator or CPU)."""
     if not values:
         return []
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-        t /= dist.get_world_size(group)
-    return t.tolist()
+    return mean_over(torch.tensor(values, dtype=torch.float64, device=device), group).tolist()

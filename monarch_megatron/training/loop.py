@@ -31,7 +31,7 @@ from .batches import PhaseData, prepare_data
 from .checkpoint import CheckpointManager, checkpoint_tag
 from .config import RunConfig
 from .dryrun import plan_lines
-from .distributed import Layout, all_reduce_mean, seed_everything, step_seed
+from .distributed import Layout, all_reduce_mean, mean_over, seed_everything, step_seed
 from .engine import grad_norm, loss_scale, set_learning_rate
 from .flops import train_flops_per_sequence
 from .guard import NonFiniteGuard
@@ -153,15 +153,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         group = parallel_state.get_data_parallel_group()
-
-        def dp_mean(t: torch.Tensor) -> torch.Tensor:
-            t = t.to(torch.float64)
-            if dist.is_initialized() and dist.get_world_size(group) > 1:
-                dist.all_reduce(t, group=group)
-                t /= dist.get_world_size(group)
-            return t
-
-        self.guard.observe(self.metrics.flush_steps(dp_mean))
+        self.guard.observe(self.metrics.flush_steps(lambda table: mean_over(table, group)))
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()

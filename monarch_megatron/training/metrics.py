@@ -67,7 +67,6 @@ class Metrics:
         self.writer = None
         self.jsonl = None
         self._window: list[dict[str, float]] = []
-        self._times: list[float] = []
         self._pending: list[tuple] = []
         self._seen: set[tuple[str, int]] = set()
         if is_logger:
@@ -130,7 +129,6 @@ class Metrics:
                     self.scalar(name, v, step)
             self.record("train", step, row)
             self._window.append(row)
-            self._times.append(seconds)
         return rows
 
     def resume_at(self, step: int) -> None:
