@@ -3,6 +3,7 @@
 from setuptools import find_packages, setup
 
 HF = ["transformers>=5.24,<6", "safetensors>=0.8"]
+PLOT = ["matplotlib"]
 
 setup(
     name="monarch_megatron",
@@ -23,7 +24,10 @@ setup(
     extras_require={
         # Hugging Face interop (launcher/export_hf.py, launcher/import_hf.py); no torch of its own
         "hf": HF,
-        # triton runs the fused kernel's tests in interpreter mode on CPU; the hf tests need HF
-        "test": ["pytest", "triton", *HF],
+        # loss curves (launcher/plot_runs.py, the time-to-quality benchmark's figure)
+        "plot": PLOT,
+        # triton runs the fused kernel's tests in interpreter mode on CPU; the hf tests need HF,
+        # the plot tests PLOT
+        "test": ["pytest", "triton", *HF, *PLOT],
     },
 )

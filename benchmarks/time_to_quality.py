@@ -61,6 +61,9 @@ import time
 from typing import Any, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runnable from a checkout without `pip install -e .`
+from monarch_megatron.training import loss_curves  # noqa: E402
+
 ARMS = ("dense", "monarch", "reverse")
 ARM_LABELS = {"dense": "dense throughout", "monarch": "Monarch throughout",
               "reverse": "reverse sparsification (Monarch, then dense)"}
@@ -165,11 +168,6 @@ def arm_overrides(arm: str, args: argparse.Namespace, manifest: dict, case: dict
 
 
 # -- reading a run --------------------------------------------------------------------------------
-def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def curve(rows: Sequence[dict], metric: str, tokens_per_step: int, keep_phases: Sequence[int] = ()) -> dict:
     """Validation points with tokens and training seconds at each; see the module docstring.
 
@@ -177,7 +175,6 @@ def curve(rows: Sequence[dict], metric: str, tokens_per_step: int, keep_phases: 
     over the phase median is removed from the time axis.
     """
     train = sorted((r for r in rows if r.get("kind") == "train"), key=lambda r: r["step"])
-    switches = [r for r in rows if r.get("kind") == "switch"]
     by_phase: dict[int, list[dict]] = {}
     for r in train:
         by_phase.setdefault(int(r.get("phase", 0)), []).append(r)
@@ -188,32 +185,16 @@ def curve(rows: Sequence[dict], metric: str, tokens_per_step: int, keep_phases: 
             median = statistics.median(r["iteration-time"] for r in rs)
             for r in rs[:3]:
                 excess[r["step"]] = max(0.0, r["iteration-time"] - median)
-    seconds_at, total = {}, 0.0
-    switch_at = {int(r["step"]): float(r.get("seconds", 0.0)) for r in switches}
-    for r in train:
-        total += r["iteration-time"] - excess.get(r["step"], 0.0)
-        seconds_at[r["step"]] = total
-        total += switch_at.get(r["step"], 0.0)  # the switch follows this step
-    points = []
-    for r in sorted((r for r in rows if r.get("kind") == "valid"), key=lambda r: r["step"]):
-        if r["step"] not in seconds_at or r.get(metric) is None:
-            continue
-        points.append({"step": r["step"], "tokens": r["step"] * tokens_per_step,
-                       "seconds": seconds_at[r["step"]], "loss": r[metric],
-                       **{k: v for k, v in r.items() if k not in ("kind", "step")}})
+    curves = loss_curves.run_curves(rows, metric, excess)
     phases = {}
     for index, rs in sorted(by_phase.items()):
         phases[index] = {"steps": len(rs), "first_step": rs[0]["step"], "last_step": rs[-1]["step"],
                          "median_step_seconds": statistics.median(r["iteration-time"] for r in rs),
                          "median_tokens_per_sec": statistics.median(r["tokens-per-sec"] for r in rs)}
-    train_points = [{"step": r["step"], "seconds": seconds_at[r["step"]], "loss": r.get(metric, r.get("loss"))}
-                    for r in train]
-    return {"points": points, "train": train_points, "phases": phases,
-            "switch": [{**{k: v for k, v in r.items() if k not in ("kind", "step", "seconds")},
-                        "step": int(r["step"]), "tokens": int(r["step"]) * tokens_per_step,
-                        "seconds": seconds_at.get(int(r["step"])), "switch_seconds": r.get("seconds")}
-                       for r in switches],
-            "train_seconds": total, "keep_transition_excess_seconds": sum(excess.values())}
+    return {"points": [{**pt, "tokens": pt["step"] * tokens_per_step} for pt in curves["valid"]],
+            "train": curves["train"], "phases": phases,
+            "switch": [{**sw, "tokens": sw["step"] * tokens_per_step} for sw in curves["switch"]],
+            "train_seconds": curves["train_seconds"], "keep_transition_excess_seconds": sum(excess.values())}
 
 
 def arm_curve(result: dict, rows: Sequence[dict]) -> dict:
@@ -279,7 +260,7 @@ def run_arm(arm: str, args: argparse.Namespace, manifest: dict, p: dict) -> dict
         print(proc.stdout[-6000:], flush=True)
     if os.path.isfile(metrics):
         result["metrics_file"] = os.path.join(f"{args.case}_{arm}", "metrics.jsonl")  # relative to the JSON
-        result.update(arm_curve(result, read_metrics(metrics)))
+        result.update(arm_curve(result, loss_curves.read_records(metrics)))
     if not args.keep_runs:
         shutil.rmtree(output_dir, ignore_errors=True)
     else:
@@ -423,11 +404,8 @@ def markdown(summary: dict) -> str:
 def plot(results: Sequence[dict], summary: dict, path: str) -> bool:
     """Validation loss vs tokens and vs training seconds, one figure per case; False without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = loss_curves.pyplot()
+    except loss_curves.PlottingUnavailable:
         return False
     cases = sorted({r["case"] for r in results})
     fig, axes = plt.subplots(len(cases), 2, figsize=(12, 4.5 * len(cases)), squeeze=False)
@@ -439,23 +417,15 @@ def plot(results: Sequence[dict], summary: dict, path: str) -> bool:
                 continue
             colour = colours.get(r["arm"])
             for ax, key, scale in ((row[0], "tokens", 1e-6), (row[1], "seconds", 1.0)):
-                ax.plot([pt[key] * scale for pt in r["points"]], [pt["loss"] for pt in r["points"]], marker=".",
-                        color=colour, label=ARM_LABELS.get(r["arm"], r["arm"]))
-                for sw in r.get("switch") or []:
-                    if sw.get(key) is not None:
-                        ax.axvline(sw[key] * scale, color=colour, linestyle=":", linewidth=1,
-                                   label=f"Monarch -> dense switch (step {sw['step']})")
+                line = loss_curves.draw_curve(ax, r["points"], key, scale, marker=".", color=colour,
+                                              label=ARM_LABELS.get(r["arm"], r["arm"]))
+                loss_curves.mark_switches(ax, r.get("switch") or [], key, line.get_color(), scale)
         for ax, xlabel in ((row[0], "tokens (millions)"), (row[1], "training seconds")):
             if target is not None:
                 ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="dense final loss")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"validation {summary[name]['metric']}")
-            ax.set_title(f"{name}: validation loss vs {xlabel.split(' (')[0]}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            loss_curves.finish_axes(ax, xlabel, f"validation {summary[name]['metric']}",
+                                    f"{name}: validation loss vs {xlabel.split(' (')[0]}")
+    loss_curves.save_figure(fig, path)
     return True
 
 
@@ -475,7 +445,7 @@ def load_results(paths: Sequence[str]) -> list[dict]:
             r = json.load(fh)
         metrics = os.path.join(os.path.dirname(f), r.get("metrics_file") or "-")
         if "arm" in r and os.path.isfile(metrics):  # recompute from the raw rows beside it
-            r.update(arm_curve(r, read_metrics(metrics)))
+            r.update(arm_curve(r, loss_curves.read_records(metrics)))
         if "arm" not in r:  # a merged file: take its arms
             for a in r.get("results", []):
                 key = (a["case"], a["arm"])
