@@ -36,7 +36,7 @@ pytest.importorskip("safetensors")
 from tiny_demo import DATA, DEMO, ROOT, TINY_MODEL  # noqa: E402
 
 VOCAB, SEQ = 4096, 32  # the demo tokenizer's vocabulary; TINY_MODEL's positions
-GPT = dict(n_layer=1, n_embd=32, n_head=2, n_inner=64, n_positions=SEQ, activation_function="gelu")
+GPT = dict(n_layer=1, n_embd=32, n_head=2, n_inner=64, n_positions=SEQ, activation_function="gelu_new")  # GPT-2: tanh GELU
 BERT = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=SEQ, layer_norm_eps=1e-5)
 SPARSE_STEPS = 20
@@ -349,13 +349,14 @@ def test_import_refusals(work, tmp_path, capsys):
         assert f"GPT2LMHeadModel with {key}={value!r}" in _one_error(capsys, "import_hf")
     tanh = _edited_hf_copy(gpt2, str(tmp_path / "tanh"), activation_function="gelu_new", layer_norm_epsilon=1e-6)
     assert IMPORT(["--model", tanh, "--output", out]) == 2
-    assert "'gelu_new' is the tanh approximation" in _one_error(capsys, "import_hf")
+    assert "LayerNorm epsilon 1e-06" in _one_error(capsys, "import_hf")
     assert "out" not in os.listdir(tmp_path)  # nothing written
     assert IMPORT(["--model", tanh, "--output", out, "--accept-approximation", "--tensor-parallel", "3"]) == 2
     assert "does not divide num_attention_heads 2" in _one_error(capsys, "import_hf")
     assert IMPORT(["--model", tanh, "--output", out, "--accept-approximation"]) == 0
-    approximations = json.load(open(os.path.join(out, "run_state.json")))["converted_from"]["approximations"]
-    assert "gelu_new" in approximations[0] and "epsilon 1e-06" in approximations[1]
+    imported = json.load(open(os.path.join(out, "run_state.json")))
+    assert [a for a in imported["converted_from"]["approximations"] if "epsilon 1e-06" in a]
+    assert imported["model"]["activation"] == "gelu_tanh"  # GPT-2's tanh GELU is ours exactly
     assert IMPORT(["--model", tanh, "--output", out, "--accept-approximation"]) == 2
     assert "exists; pass --force" in _one_error(capsys, "import_hf")
     weights = os.path.join(tanh, "model.safetensors")
@@ -375,9 +376,12 @@ def test_export_refusals_come_before_reading_weights(work, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert EXPORT(["--checkpoint", str(fake), "--output", out, "--tokenizer", work["tokenizer"]]) == 2
     assert "model.sentence_order: false" in _one_error(capsys, "export_hf")
+    json.dump({**state, "model": {**state["model"], "normalization": "RMSNorm"}}, open(fake / "run_state.json", "w"))
+    assert EXPORT(["--checkpoint", str(fake), "--output", out, "--tokenizer", work["tokenizer"]]) == 2
+    assert "settings this exporter does not know: ['normalization']" in _one_error(capsys, "export_hf")
     json.dump({**state, "model": {**state["model"], "activation": "swiglu"}}, open(fake / "run_state.json", "w"))
     assert EXPORT(["--checkpoint", str(fake), "--output", out, "--tokenizer", work["tokenizer"]]) == 2
-    assert "settings this exporter does not know: ['activation']" in _one_error(capsys, "export_hf")
+    assert "activation must be one of ('gelu', 'gelu_tanh')" in _one_error(capsys, "export_hf")
     json.dump({**state, "converted_from": {"path": str(tmp_path / "gone")}}, open(fake / "run_state.json", "w"))
     assert EXPORT(["--checkpoint", str(fake), "--output", out]) == 2
     assert "pass --tokenizer" in _one_error(capsys, "export_hf")

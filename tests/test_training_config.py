@@ -145,3 +145,14 @@ def test_layer_kind_defaults_to_monarch_and_keeps_the_config_hash() -> None:
     assert load_config(DEMO, ["phases.0.monarch.kind=monarch"]).config_hash() == before
     blockdiag = load_config(DEMO, ["phases.0.monarch.kind=blockdiag"])
     assert blockdiag.phases[0].monarch.kind == "blockdiag" and blockdiag.config_hash() != before
+
+
+def test_model_activation_defaults_to_exact_gelu_and_keeps_the_config_hash() -> None:
+    """``model.activation`` is new: the default (erf GELU) hashes as before, the tanh GELU does not
+    (it changes the function); the fusion switches are performance keys and do not."""
+    before = "2cd918b32e64ebda"
+    assert load_config(DEMO, ["model.activation=gelu"]).config_hash() == before
+    assert load_config(DEMO, ["training.fused_bias_gelu=false", "training.compiled_layer_norm=false"]).config_hash() == before
+    assert load_config(DEMO, ["model.activation=gelu_tanh"]).config_hash() != before
+    with pytest.raises(ConfigError, match="activation"):
+        load_config(DEMO, ["model.activation=relu"])

@@ -50,13 +50,14 @@ from ..models import ModelConfig
 from .checkpoint import ConversionError
 
 # What every model this project builds uses and no config key changes (models/builder.py keeps
-# megatron-core's TransformerConfig defaults for these): LayerNorm epsilon, erf GELU
-# (activation_func=F.gelu; HF's "gelu" is the same function; GPT-2's default "gelu_new" is the
-# tanh approximation), learned absolute positions, biases everywhere, tied output embeddings.
+# megatron-core's TransformerConfig defaults for these): LayerNorm epsilon, learned absolute
+# positions, biases everywhere, tied output embeddings. The GELU is ModelConfig.activation.
 LAYERNORM_EPS: float = TransformerConfig.__dataclass_fields__["layernorm_epsilon"].default
 HF_ACTIVATION = "gelu"
 EXACT_GELU = ("gelu", "gelu_python")  # HF activation names that are erf GELU
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # within ~1e-3 of erf GELU
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh approximation (GPT-2's default)
+# ModelConfig.activation -> the HF activation name export writes (import maps every name above).
+HF_ACTIVATIONS = {"gelu": HF_ACTIVATION, "gelu_tanh": "gelu_new"}  # GPT-2's own name for it
 BERT_TOKENTYPES = 2  # models/builder.py: num_tokentypes=2
 
 
@@ -349,6 +350,7 @@ def hf_config(model: ModelConfig, special_ids: dict[str, int] | None = None) -> 
                               "weights to export for cls.seq_relationship / bert.pooler")
     family = FAMILIES[model.kind]
     fixed = {k: v for k, v in FIXED[model.kind].items() if k != "position_embedding_type"}
+    fixed[ACTIVATION[model.kind]] = HF_ACTIVATIONS[model.activation]
     ids = {f"{k}_token_id": v for k, v in (special_ids or {}).items()}
     if model.kind == "gpt":  # megatron drops the embeddings with hidden_dropout too
         ids = {"bos_token_id": None, "eos_token_id": None, **ids, "embd_pdrop": model.hidden_dropout}
@@ -361,8 +363,8 @@ def model_from_hf_config(config: Any, family: Family, make_vocab_size_divisible_
                          accept_approximation: bool) -> tuple[ModelConfig, list[str]]:
     """Our ``ModelConfig`` of ``family``'s transformers config, and the approximations accepted.
 
-    Exact features are required; the near ones (tanh-approximated GELU, another LayerNorm
-    epsilon) are refused unless ``accept_approximation``, and then returned as sentences.
+    Exact features are required (either GELU: ``activation``); the near one (another LayerNorm
+    epsilon) is refused unless ``accept_approximation``, and then returned as sentences.
 
     Raises:
         ConversionError: a feature our models cannot express.
@@ -372,13 +374,10 @@ def model_from_hf_config(config: Any, family: Family, make_vocab_size_divisible_
     act, eps = differ.pop(ACTIVATION[kind], None), differ.pop(EPSILON[kind], None)
     refused = [f"{k}={v!r} (ours: {FIXED[kind][k]!r})" for k, v in differ.items()]
     if act is not None and act not in EXACT_GELU and act not in TANH_GELU:
-        refused.append(f"{ACTIVATION[kind]}={act!r} (ours: erf GELU)")
+        refused.append(f"{ACTIVATION[kind]}={act!r} (ours: erf GELU or its tanh approximation)")
     if refused:
         raise ConversionError(f"{family.architecture} with {', '.join(refused)}: our {kind} model cannot express this")
     near = []
-    if act in TANH_GELU:
-        near.append(f"activation {act!r} is the tanh approximation of GELU; our models use the exact (erf) GELU "
-                    "(differences up to ~1e-3 per activation)")
     if eps is not None:
         near.append(f"LayerNorm epsilon {eps:g}; our models use {LAYERNORM_EPS:g}")
     if near and not accept_approximation:
@@ -389,7 +388,8 @@ def model_from_hf_config(config: Any, family: Family, make_vocab_size_divisible_
     fields_["ffn_hidden_size"] = fields_["ffn_hidden_size"] or 4 * fields_["hidden_size"]  # GPT-2's n_inner=None
     try:
         model = ModelConfig(kind=kind, sentence_order=kind == "bert", **fields_,
-                            make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+                            make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                            activation="gelu_tanh" if act in TANH_GELU else "gelu")
     except ValueError as err:
         raise ConversionError(f"config.json: {err}") from None
     return model, near

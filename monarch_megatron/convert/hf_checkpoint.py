@@ -249,7 +249,7 @@ def _imported_run_state(model_dir: str, output: str, model, family, tp: int, dty
 def init_overrides(model) -> list[str]:
     """The run-config overrides whose model matches ``model`` (what ``training.init_from`` checks)."""
     keys = ("kind", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-            "max_position_embeddings", "sentence_order", "make_vocab_size_divisible_by")
+            "max_position_embeddings", "sentence_order", "make_vocab_size_divisible_by", "activation")
     return [f"model.{k}={str(getattr(model, k)).lower() if isinstance(getattr(model, k), bool) else getattr(model, k)}"
             for k in keys]
 

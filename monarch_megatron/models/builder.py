@@ -62,16 +62,33 @@ class SDPABertModel(_FusedLossMixin, BertModel):
         return super()._sanity_check_attention_and_get_attn_mask_dimension()
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU (``model.activation: gelu_tanh``), the function of megatron-core's
+    fused ``bias_gelu`` and of the original BERT and GPT-2 code."""
+    return F.gelu(x, approximate="tanh")
+
+
+def activation_function(model_cfg: ModelConfig):
+    """The element-wise GELU of ``model_cfg.activation`` (unfused form)."""
+    return gelu_tanh if model_cfg.activation == "gelu_tanh" else F.gelu
+
+
 def transformer_config(model_cfg: ModelConfig, precision: str = "fp32", *,
-                       fused_bias_dropout: bool = False) -> TransformerConfig:
+                       fused_bias_dropout: bool = False, fused_bias_gelu: bool = False) -> TransformerConfig:
     """megatron ``TransformerConfig`` for ``model_cfg`` at the current TP size (parallel_state).
 
     ``fused_bias_dropout``: megatron-core's own fused bias + dropout + residual add
     (``bias_dropout_fusion``: one compiled kernel, torch.compile via its ``jit_fuser``, instead of
     three passes, two of them broadcasting); the same function (a different dropout stream).
+    ``fused_bias_gelu``: for ``activation: gelu_tanh``, megatron-core's fused fc1 bias + GELU
+    (``bias_activation_fusion``: one compiled kernel each way instead of a broadcast add and a
+    GELU pass; megatron computes the tanh approximation there, so it applies to that activation
+    only); the same function to rounding.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got precision={precision!r}")
+    # megatron-core selects its fused bias_gelu (tanh approximation) by activation_func is F.gelu.
+    fuse_gelu = fused_bias_gelu and model_cfg.activation == "gelu_tanh"
     return TransformerConfig(
         num_layers=model_cfg.num_layers,
         hidden_size=model_cfg.hidden_size,
@@ -90,7 +107,8 @@ def transformer_config(model_cfg: ModelConfig, precision: str = "fp32", *,
         # Fused kernels from apex / megatron's CUDA extensions are optional; the torch paths are
         # used everywhere so that CPU and GPU run the same code.
         masked_softmax_fusion=False,
-        bias_activation_fusion=False,
+        activation_func=F.gelu if fuse_gelu else activation_function(model_cfg),
+        bias_activation_fusion=fuse_gelu,
         bias_dropout_fusion=fused_bias_dropout,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
@@ -106,6 +124,8 @@ def build_model(
     monarch_options: MonarchOptions | None = None,
     fused_cross_entropy: bool = False,
     fused_bias_dropout: bool = False,
+    fused_bias_gelu: bool = False,
+    compiled_norm: bool = False,
 ) -> BertModel | GPTModel:
     """A megatron-core ``BertModel`` (masked LM, sentence-order head if ``model_cfg.sentence_order``)
     or ``GPTModel`` with Monarch linears where ``monarch`` says (dense everywhere if ``None``).
@@ -116,7 +136,9 @@ def build_model(
     ``attention`` picks the core attention (:func:`monarch_megatron.parallel.core_attention_module`);
     ``monarch_options`` how the Monarch linears multiply (None: the process default);
     ``fused_cross_entropy`` takes the LM loss through :mod:`.cross_entropy` where it applies;
-    ``fused_bias_dropout`` see :func:`transformer_config`.
+    ``fused_bias_dropout`` and ``fused_bias_gelu`` see :func:`transformer_config`;
+    ``compiled_norm`` takes the layers' norms through :class:`~..parallel.norms.CompiledLayerNorm`.
+    None of these options changes the function computed, so checkpoints do not depend on them.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     vocab = model_cfg.padded_vocab_size
@@ -125,12 +147,13 @@ def build_model(
             f"padded vocab size {vocab} (make_vocab_size_divisible_by="
             f"{model_cfg.make_vocab_size_divisible_by}) is not divisible by tp_size={tp}"
         )
-    config = transformer_config(model_cfg, precision, fused_bias_dropout=fused_bias_dropout)
+    config = transformer_config(model_cfg, precision, fused_bias_dropout=fused_bias_dropout,
+                                fused_bias_gelu=fused_bias_gelu)
     if model_cfg.kind == "bert":
         model = SDPABertModel(
             config=config,
             num_tokentypes=2,
-            transformer_layer_spec=get_bert_layer_spec(monarch, attention, monarch_options),
+            transformer_layer_spec=get_bert_layer_spec(monarch, attention, monarch_options, compiled_norm),
             vocab_size=vocab,
             max_sequence_length=model_cfg.max_position_embeddings,
             add_binary_head=model_cfg.sentence_order,
@@ -140,7 +163,7 @@ def build_model(
     else:
         model = FusedLossGPTModel(
             config=config,
-            transformer_layer_spec=get_gpt_layer_spec(monarch, attention, monarch_options),
+            transformer_layer_spec=get_gpt_layer_spec(monarch, attention, monarch_options, compiled_norm),
             vocab_size=vocab,
             max_sequence_length=model_cfg.max_position_embeddings,
             share_embeddings_and_output_weights=True,
@@ -148,6 +171,9 @@ def build_model(
             position_embedding_type="learned_absolute",
         )
     model.fused_cross_entropy = fused_cross_entropy
+    if model_cfg.kind == "bert":
+        # BertLMHead's transform hard-codes the erf GELU; the model has one activation.
+        model.lm_head.gelu = activation_function(model_cfg)
     # Some submodules (plain torch layers: position embeddings, pooler, LM-head dense) ignore
     # params_dtype; cast everything once. Master init was fp32, so this is the same cast.
     model.to(dtype=PRECISIONS[precision])

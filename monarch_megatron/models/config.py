@@ -11,8 +11,12 @@ from dataclasses import dataclass
 from ..parallel.specs import MONARCH_LAYERS, MonarchConfig
 
 MODEL_KINDS = ("bert", "gpt")
+# GELU of the MLPs (and of BERT's LM-head transform): "gelu" the exact (erf) function, "gelu_tanh"
+# its tanh approximation, the one of the original BERT and GPT-2 code and the one megatron-core
+# fuses with the fc1 bias (models/builder.py).
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
-__all__ = ["MODEL_KINDS", "MONARCH_LAYERS", "ModelConfig", "MonarchConfig"]
+__all__ = ["ACTIVATIONS", "MODEL_KINDS", "MONARCH_LAYERS", "ModelConfig", "MonarchConfig"]
 
 
 @dataclass(kw_only=True)
@@ -21,7 +25,8 @@ class ModelConfig:
 
     ``vocab_size`` is the tokenizer's; the model pads it to a multiple of
     ``make_vocab_size_divisible_by`` (independent of the TP size, so that the function is too).
-    ``sentence_order`` adds BERT's sentence-order (binary) head.
+    ``sentence_order`` adds BERT's sentence-order (binary) head. ``activation`` is one of
+    :data:`ACTIVATIONS`.
     """
 
     kind: str
@@ -36,10 +41,13 @@ class ModelConfig:
     init_method_std: float = 0.02
     sentence_order: bool = True
     make_vocab_size_divisible_by: int = 128
+    activation: str = "gelu"
 
     def __post_init__(self) -> None:
         if self.kind not in MODEL_KINDS:
             raise ValueError(f"kind must be one of {MODEL_KINDS}, got kind={self.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got activation={self.activation!r}")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                      "max_position_embeddings", "make_vocab_size_divisible_by"):
             value = getattr(self, name)

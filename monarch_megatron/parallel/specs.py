@@ -10,7 +10,9 @@ local specs (``bert_layer_local_spec``, ``get_gpt_layer_local_spec()``), deep-co
   blocks. This is the only way the structured layers enter megatron-core: no block is forked;
 * the core attention: Transformer Engine's where it is installed, else :class:`SDPACoreAttention`
   (``attention="auto"``); ``"sdpa"``, ``"local"`` (megatron's ``DotProductAttention``) and ``"te"``
-  select one explicitly. With ``monarch=None`` and ``attention="local"`` the spec *is* megatron's.
+  select one explicitly. With ``monarch=None`` and ``attention="local"`` the spec *is* megatron's;
+* with ``compiled_norm``, the two layer norms by :class:`~.norms.CompiledLayerNorm` (the same
+  function and parameters, compiled kernels: the CUDA fast path).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..monarch import MonarchOptions
 from .attention import SDPACoreAttention
 from .kinds import KINDS
 from .layers import PARALLEL_LINEARS
+from .norms import CompiledLayerNorm
 
 MONARCH_LAYERS = ("fc1", "fc2", "qkv", "proj")
 ATTENTION_BACKENDS = ("auto", "sdpa", "local", "te")
@@ -93,7 +96,7 @@ def core_attention_module(attention: str = "auto") -> type:
 
 
 def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
-          options: MonarchOptions | None) -> ModuleSpec:
+          options: MonarchOptions | None, compiled_norm: bool) -> ModuleSpec:
     """A deep copy of a local TransformerLayer spec with the chosen submodules replaced; the
     structured linears get ``options`` (Monarch backend, CUDA-graphed or not; None = the process
     default)."""
@@ -101,6 +104,9 @@ def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
     attn = spec.submodules.self_attention.submodules
     mlp = spec.submodules.mlp.submodules
     attn.core_attention = core_attention_module(attention)
+    if compiled_norm:
+        spec.submodules.input_layernorm = CompiledLayerNorm
+        spec.submodules.pre_mlp_layernorm = CompiledLayerNorm
     if monarch is not None:
         layers = set(monarch.layers)
         column, row = PARALLEL_LINEARS[monarch.kind]["column"], PARALLEL_LINEARS[monarch.kind]["row"]
@@ -119,12 +125,12 @@ def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
 
 
 def get_bert_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto",
-                        options: MonarchOptions | None = None) -> ModuleSpec:
+                        options: MonarchOptions | None = None, compiled_norm: bool = False) -> ModuleSpec:
     """BERT layer spec (padding-mask attention): megatron's local spec with structured / SDPA swaps."""
-    return _swap(bert_layer_local_spec, monarch, attention, options)
+    return _swap(bert_layer_local_spec, monarch, attention, options, compiled_norm)
 
 
 def get_gpt_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto",
-                       options: MonarchOptions | None = None) -> ModuleSpec:
+                       options: MonarchOptions | None = None, compiled_norm: bool = False) -> ModuleSpec:
     """GPT layer spec (causal attention): megatron's local spec with structured / SDPA swaps."""
-    return _swap(get_gpt_layer_local_spec(), monarch, attention, options)
+    return _swap(get_gpt_layer_local_spec(), monarch, attention, options, compiled_norm)

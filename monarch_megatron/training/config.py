@@ -56,6 +56,9 @@ class ModelSection:
     init_method_std: float = 0.02
     sentence_order: bool = True
     make_vocab_size_divisible_by: int = 128
+    # gelu (exact, erf) | gelu_tanh (tanh approximation: original BERT / GPT-2, and the one
+    # megatron-core fuses with the fc1 bias; see training.fused_bias_gelu).
+    activation: Literal["gelu", "gelu_tanh"] = "gelu"
 
 
 @dataclass
@@ -152,6 +155,12 @@ class TrainingSection:
     # megatron-core's fused bias + dropout + residual add (torch.compile'd; CUDA only: on CPU the
     # compile costs more than it saves). Same function, another dropout stream.
     fused_bias_dropout: bool = True
+    # megatron-core's fused fc1 bias + GELU (torch.compile'd; CUDA only) for model.activation:
+    # gelu_tanh, the activation it computes; the exact GELU runs unfused.
+    fused_bias_gelu: bool = True
+    # The layers' LayerNorms as torch.compile'd kernels (parallel/norms.py; CUDA only): torch's own
+    # LayerNorm backward is several times slower than its bytes at these shapes.
+    compiled_layer_norm: bool = True
     profile: ProfileSection = field(default_factory=ProfileSection)
 
 
@@ -215,6 +224,9 @@ class RunConfig:
             d["training"].pop(k)
         d["data"].pop("cache_dir")
         d["data"].pop("num_workers")
+        # Defaults of keys added later are left out, so older configs keep their hash.
+        if d["model"]["activation"] == "gelu":
+            del d["model"]["activation"]
         for phase in d["phases"]:
             # The default kind is left out, so configs written before kinds existed keep their hash.
             if phase["monarch"] is not None and phase["monarch"]["kind"] == "monarch":
@@ -224,6 +236,7 @@ class RunConfig:
 
 # training.* keys that change how fast a step runs, not what it computes (left out of the config hash).
 PERFORMANCE_KEYS = ("fast_step", "cuda_graphs", "mlm_head_masked_only", "fused_cross_entropy", "fused_bias_dropout",
+                    "fused_bias_gelu", "compiled_layer_norm",
                     "profile")
 
 

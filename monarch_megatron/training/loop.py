@@ -83,7 +83,8 @@ class Trainer:
             kind=m.kind, num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
             ffn_hidden_size=m.ffn_hidden_size, vocab_size=cfg.vocab_size, max_position_embeddings=m.max_position_embeddings,
             hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, init_method_std=m.init_method_std,
-            sentence_order=m.sentence_order, make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
+            sentence_order=m.sentence_order, make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+            activation=m.activation)
 
     def data(self, phase: Phase) -> PhaseData:
         """The phase's datasets (built on first use; earlier phases' are dropped)."""

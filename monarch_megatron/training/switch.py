@@ -82,9 +82,11 @@ def next_phase_weights(engine, old: Phase, new: Phase, precision: str) -> dict[s
 def build_phase_engine(cfg, model_cfg, phase: Phase, layout, weights: dict[str, torch.Tensor] | None):
     """Build the model and engine of ``phase``; load ``weights`` (full precision) if given."""
     seed_everything(cfg.seed)
+    on_cuda = torch.cuda.is_available()  # the compiled fusions cost more than they save on CPU
+    t = cfg.training
     model = build_model(model_cfg, phase.monarch, cfg.precision.dtype, monarch_options=monarch_options(cfg),
-                        fused_cross_entropy=cfg.training.fused_cross_entropy,
-                        fused_bias_dropout=cfg.training.fused_bias_dropout and torch.cuda.is_available())
+                        fused_cross_entropy=t.fused_cross_entropy, fused_bias_dropout=t.fused_bias_dropout and on_cuda,
+                        fused_bias_gelu=t.fused_bias_gelu and on_cuda, compiled_norm=t.compiled_layer_norm and on_cuda)
     if weights is not None:
         dtypes = {k: v.dtype for k, v in model.state_dict().items() if torch.is_tensor(v)}
         model.load_state_dict({k: (v.to(dtypes[k]) if torch.is_tensor(v) and k in dtypes else v)
