@@ -52,7 +52,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from monarch_megatron.convert.checkpoint import ConversionError
+    from monarch_megatron.checkpointing import CheckpointFormatError
     from monarch_megatron.convert.pipeline import convert_checkpoint
 
     layers = tuple(s.strip() for s in args.layers.split(",") if s.strip()) if args.layers else None
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         convert_checkpoint(args.input, args.output, args.to, nblocks=args.nblocks, layers=layers,
                            tensor_parallel=args.tensor_parallel, force=args.force,
                            log=lambda line: print(line, flush=True))
-    except ConversionError as err:
+    except CheckpointFormatError as err:  # the conversion's errors and the format's own
         print(f"convert_checkpoint: error: {err}", file=sys.stderr)
         return 2
     return 0

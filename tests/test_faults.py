@@ -178,10 +178,10 @@ def test_invalid_directory_with_the_final_tag_is_moved_aside_and_saved_over(refe
     rc, err = pretrain(out)
     assert rc == 0, err
     assert_resumed_like_reference(out, reference, first=4)
-    from monarch_megatron.training.checkpoint import inspect_checkpoint
+    from monarch_megatron.checkpointing.store import inspect_checkpoint
 
     state, problem = inspect_checkpoint(ckpt(out, 6))
-    assert problem is None and state["step"] == 6 and set(state["files"]) == {MODEL, OPTIM}
+    assert problem is None and state.step == 6 and set(state.files) == {MODEL, OPTIM}
     (aside,) = os.listdir(os.path.join(out, "checkpoints", ".invalid"))
     assert os.path.isfile(os.path.join(out, "checkpoints", ".invalid", aside, "notes.txt"))
     assert "was in the way of this save" in log(out)
@@ -217,10 +217,10 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(refer
     rc, err = pretrain(out)
     assert rc == 1 and "no space left on device while saving checkpoint" in err, err
     assert os.path.join(out, "checkpoints", ".staging", "step0000004-monarch") in err
-    from monarch_megatron.training.checkpoint import check_files, inspect_checkpoint
+    from monarch_megatron.checkpointing.store import check_files, inspect_checkpoint
 
     state, problem = inspect_checkpoint(ckpt(out, 2))
-    assert problem is None and check_files(ckpt(out, 2), state["files"]) is None  # intact
+    assert problem is None and check_files(ckpt(out, 2), state.files) is None  # intact
     assert not os.path.exists(os.path.join(out, "checkpoints", ".staging"))  # the torn save is gone
     # The next start cleans .staging before it writes anything else, even on a disk that is full.
     subprocess.run(["mount", "-o", "remount,size=16m", small_tmpfs], check=True)
@@ -337,7 +337,9 @@ def test_run_going_non_finite_stops_without_saving_or_pruning(tmp_path, monkeypa
 
 
 def test_guard_counts_fp16_overflow_skips_and_prune_keeps_the_newest_finite_checkpoint(tmp_path) -> None:
-    from monarch_megatron.training.checkpoint import CheckpointManager, checkpoint_tag, write_run_state
+    from monarch_megatron.checkpointing.run_state import RunState
+    from monarch_megatron.checkpointing.store import checkpoint_tag, write_run_state
+    from monarch_megatron.training.checkpoint import CheckpointManager
     from monarch_megatron.training.distributed import Layout
     from monarch_megatron.training.guard import NonFiniteError, NonFiniteGuard
 
@@ -353,8 +355,8 @@ def test_guard_counts_fp16_overflow_skips_and_prune_keeps_the_newest_finite_chec
     for step, finite in ((1, True), (2, True), (3, False), (4, False)):
         path = manager.path(checkpoint_tag(step, "p"))
         os.makedirs(path)
-        write_run_state(path, {"step": step, "phase": "p", "phase_index": 0, "tag": os.path.basename(path),
-                               "complete": True, "losses_finite": finite})
+        write_run_state(path, RunState(step=step, phase="p", phase_index=0, tag=os.path.basename(path),
+                                       complete=True, losses_finite=finite))
     manager.prune()
     assert sorted(os.listdir(manager.root)) == ["step0000002-p", "step0000004-p"]
 
@@ -399,7 +401,7 @@ def test_sigint_saves_at_the_end_of_the_step_and_exits_0(running) -> None:
     from monarch_megatron.training.distributed import Layout
 
     tag, state = CheckpointManager(out, Layout(1, 0, 1, 0, 1, 0), 3).latest()
-    assert state["step"] == stopped and tag == f"step{stopped:07d}-monarch"
+    assert state.step == stopped and tag == f"step{stopped:07d}-monarch"
     assert open(os.path.join(out, "run.lock")).read() == ""  # released
 
 

@@ -179,7 +179,7 @@ def _hf_model(kind: str, path: str):
 # -- import ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["gpt", "bert"])
 def test_import_gives_transformers_logits_and_exports_back_bitwise_at_tp1_and_tp2(work, kind):
-    from monarch_megatron.convert.reshard import merge_tp
+    from monarch_megatron.checkpointing.tp import merge_tp
 
     p, hf, root = work["paths"][kind], work["hf"][kind], work["root"]
     tp2 = str(root / f"{kind}_tp2")

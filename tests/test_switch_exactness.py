@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from monarch_megatron.convert import dense_state_dict_from_monarch, local_dense_weight
+from monarch_megatron.parallel.densify import dense_state_dict_from_monarch, local_dense_weight
 from monarch_megatron.models import ModelConfig, MonarchConfig, build_model, forward_step
 from monarch_megatron.monarch import monarch_multiply_torch
 from monarch_megatron.parallel import MonarchColumnParallelLinear, MonarchRowParallelLinear

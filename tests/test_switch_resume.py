@@ -17,7 +17,7 @@ import torch
 
 from monarch_megatron.training.config import load_config
 
-from tiny_demo import DEMO, metrics_by_step, tiny_overrides
+from tiny_demo import DEMO, checkpoint_weights, metrics_by_step, tiny_overrides
 
 TINY = tiny_overrides(
     "training.total_steps=10", "training.log_interval=5", "training.eval_interval=100", "training.eval_iters=2",
@@ -34,11 +34,6 @@ def train(out: str, *extra: str) -> dict:
     from monarch_megatron.training.run import train as run_train
 
     return run_train(cfg_for(out, *extra))
-
-
-def weights(out: str, tag: str) -> dict[str, torch.Tensor]:
-    path = os.path.join(out, "checkpoints", tag, "mp_rank_00_model_states.pt")
-    return {k: v for k, v in torch.load(path, weights_only=False)["module"].items() if torch.is_tensor(v)}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +79,7 @@ def test_killed_around_the_switch_resumes_to_the_same_final_state(reference: str
         redone, first_time = metrics_by_step(out, "switch")[6], metrics_by_step(reference, "switch")[6]
         for key in ("val-loss-before", "val-loss-after"):
             assert redone[key] == first_time[key]
-    final, ref_final = weights(out, "step0000010-dense"), weights(reference, "step0000010-dense")
+    final, ref_final = checkpoint_weights(out, "step0000010-dense"), checkpoint_weights(reference, "step0000010-dense")
     assert final.keys() == ref_final.keys()
     for key in final:
         assert torch.equal(final[key], ref_final[key]), key
@@ -132,7 +127,7 @@ def test_signal_at_phase_end_or_switch_saves_and_resumes_to_the_same_final_state
     assert {k: r["loss"] for k, r in metrics_by_step(out, "train").items()} == {k: r["loss"] for k, r in metrics_by_step(reference, "train").items()}
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert sum(json.loads(line)["kind"] == "switch" for line in f) == 1  # switched once, no redo
-    final, ref_final = weights(out, "step0000010-dense"), weights(reference, "step0000010-dense")
+    final, ref_final = checkpoint_weights(out, "step0000010-dense"), checkpoint_weights(reference, "step0000010-dense")
     for key in ref_final:
         assert torch.equal(final[key], ref_final[key]), key
 

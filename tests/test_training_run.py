@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,19 +85,19 @@ def test_run_trains_both_phases_and_lays_out_output_dir(reference: str) -> None:
 
 
 def test_run_state_json_records_step_phase_and_kind(reference: str) -> None:
-    from monarch_megatron.training.checkpoint import read_run_state
+    from monarch_megatron.checkpointing.store import read_run_state
 
     ckpt = os.path.join(reference, "checkpoints")
     mon = read_run_state(os.path.join(ckpt, "step0000006-monarch"))
     dense = read_run_state(os.path.join(ckpt, "step0000006-dense"))
     last = read_run_state(os.path.join(ckpt, "step0000010-dense"))
     cfg_hash = load_config(DEMO, tiny_args(reference)).config_hash()
-    assert mon["complete"] and mon["step"] == 6 and mon["phase"] == "monarch" and mon["phase_kind"] == "monarch"
-    assert mon["phase_index"] == 0 and mon["phase_end"] and mon["consumed_samples"] == 48
-    assert mon["monarch"] == {"layers": ["fc1", "fc2", "qkv", "proj"], "nblocks": 2}
-    assert dense["phase_kind"] == "dense" and dense["phase_index"] == 1 and dense["phase_step"] == 0 and dense["monarch"] is None
-    assert last["step"] == 10 and last["consumed_samples"] == 80 and last["phase_consumed_samples"] == 32
-    assert {mon["config_hash"], dense["config_hash"], last["config_hash"]} == {cfg_hash}
+    assert mon.complete and mon.step == 6 and mon.phase == "monarch" and mon.phase_kind == "monarch"
+    assert mon.phase_index == 0 and mon.phase_end and mon.consumed_samples == 48
+    assert mon.monarch == {"layers": ["fc1", "fc2", "qkv", "proj"], "nblocks": 2}
+    assert dense.phase_kind == "dense" and dense.phase_index == 1 and dense.phase_step == 0 and dense.monarch is None
+    assert last.step == 10 and last.consumed_samples == 80 and last.phase_consumed_samples == 32
+    assert {mon.config_hash, dense.config_hash, last.config_hash} == {cfg_hash}
 
 
 def test_tensorboard_has_megatron_scalar_names(reference: str) -> None:
@@ -134,7 +135,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(reference: str, tmp_path) 
     from monarch_megatron.training.distributed import Layout
 
     tag, state = CheckpointManager(out, Layout(1, 0, 1, 0, 1, 0), 3).latest()
-    assert 2 <= state["step"] < 10 and state["complete"]
+    assert 2 <= state.step < 10 and state.complete
     train_in_process(out)
     assert train_losses(out) == train_losses(reference)
 
@@ -157,18 +158,27 @@ def test_evaluate_cli_prints_deterministic_val_loss(reference: str) -> None:
     assert float(last[0].split("=")[1]) > 0
 
 
-def test_resuming_at_another_parallel_layout_is_one_config_error_before_any_work(reference: str) -> None:
+def test_resuming_at_another_layout_reshards_and_a_missing_shard_is_one_config_error(reference: str, tmp_path) -> None:
     from monarch_megatron.training.run import check_resume_layout
     from monarch_megatron.training.schema_io import ConfigError
 
     cfg = load_config(DEMO, tiny_args(reference))
-    check_resume_layout(cfg, 1)  # the layout that wrote the checkpoints
-    with pytest.raises(ConfigError, match=r"TP=1 x DP=1 processes, but this job is TP=1 x DP=2"):
-        check_resume_layout(cfg, 2)
-    before = sorted(os.listdir(os.path.join(reference, "checkpoints")))
-    env = {**os.environ, "WORLD_SIZE": "2"}  # what torchrun --nproc_per_node 2 exports
+    assert check_resume_layout(cfg, 1) is None  # the layout that wrote the checkpoints
+    assert "written by TP=1 x DP=1 processes, at TP=1 x DP=2: its weights, optimizer state" in check_resume_layout(cfg, 2)
+    # A checkpoint from before files were recorded that claims DP=2 but has one ZeRO shard.
+    out = str(tmp_path)
+    tag = "step0000010-dense"
+    shutil.copytree(os.path.join(reference, "checkpoints", tag), os.path.join(out, "checkpoints", tag))
+    path = os.path.join(out, "checkpoints", tag, "run_state.json")
+    state = json.load(open(path))
+    del state["files"]
+    json.dump({**state, "data_parallel_size": 2, "world_size": 2}, open(path, "w"))
+    with pytest.raises(ConfigError, match=r"written by TP=1 x DP=2 processes, and resharding it to TP=1 x DP=1 "
+                                          r"needs all their files, but zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        check_resume_layout(load_config(DEMO, tiny_args(out)), 1)
+    before = sorted(os.listdir(os.path.join(out, "checkpoints", tag)))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launcher", "pretrain.py"), "--config", DEMO,
-                           *tiny_args(reference)], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2
-    assert "config error: parallel:" in proc.stderr and "training.init_from" in proc.stderr
-    assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == before
+                           *tiny_args(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "config error: parallel:" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(os.listdir(os.path.join(out, "checkpoints", tag))) == before
+    assert not os.path.exists(os.path.join(out, "train.log"))

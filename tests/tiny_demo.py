@@ -40,3 +40,11 @@ def load_launcher(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def checkpoint_weights(out: str, tag: str, tp_rank: int = 0) -> dict:
+    """``{name: tensor}`` of the model shard of TP rank ``tp_rank`` in checkpoint ``tag`` of the run ``out``."""
+    from monarch_megatron.checkpointing.shards import read_model_shard
+
+    module = read_model_shard(os.path.join(out, "checkpoints", tag), tp_rank)
+    return {k: v for k, v in module.items() if hasattr(v, "shape")}

@@ -1,5 +1,4 @@
-"""Checkpoint and in-memory model conversion: Monarch -> dense (exact)."""
-
-from .to_dense import dense_state_dict_from_monarch, local_dense_weight
-
-__all__ = ["dense_state_dict_from_monarch", "local_dense_weight"]
+"""Offline checkpoint conversion (Monarch / block-diagonal <-> dense, TP resharding, Hugging Face
+import and export): a leaf package that only the launchers import. The in-memory conversion the
+phase switch uses is :mod:`monarch_megatron.parallel.densify`; the checkpoint format is
+:mod:`monarch_megatron.checkpointing`."""

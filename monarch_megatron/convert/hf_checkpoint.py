@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 
-from ..training.checkpoint import RUN_STATE, fsync_dir, read_run_state, replace_dir
+from ..checkpointing.errors import CheckpointFormatError
+from ..checkpointing.run_state import RunState
+from ..checkpointing.store import RUN_STATE, fsync_dir, read_run_state, replace_dir
+from ..checkpointing.tp import merge_tp, split_tp
 from ..training.config import monarch_layer_widths
 from .checkpoint import ConversionError, check_output_path, read_checkpoint, write_checkpoint
 from .hf import (
@@ -45,7 +48,6 @@ from .hf import (
 )
 from .hf_tokenizer import HF_TOKENIZER_FILES, SP_FILE, inspect_tokenizer, write_tokenizer
 from .pipeline import convert_state
-from .reshard import merge_tp, split_tp
 
 IMPORT_TOOL = "launcher/import_hf.py"
 WEIGHTS = "model.safetensors"
@@ -53,7 +55,7 @@ PRECISION_OF = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 _MAX_PROVENANCE_DEPTH = 16  # converted_from chains (convert of a convert of ...)
 
 
-def _checkpoint_state(path: str) -> dict[str, Any]:
+def _checkpoint_state(path: str) -> RunState:
     if not os.path.isdir(path):
         raise ConversionError(f"checkpoint {path} is not a directory (expected .../checkpoints/<tag> or a converted "
                               "checkpoint)")
@@ -62,7 +64,7 @@ def _checkpoint_state(path: str) -> dict[str, Any]:
         raise ConversionError(f"{path} is not a complete checkpoint ({RUN_STATE} missing, unreadable or without "
                               "\"complete\": true)")
     for key in ("model", "phase_kind", "tensor_model_parallel_size"):
-        if key not in state:
+        if getattr(state, key) is None:
             raise ConversionError(f"{os.path.join(path, RUN_STATE)} has no '{key}' entry")
     return state
 
@@ -87,10 +89,10 @@ def _run_tokenizer(ckpt: str) -> str | None:
     return prepare_data(cfg).tokenizer_model  # the demo data exists: returns its paths at once
 
 
-def find_tokenizer(ckpt: str, state: dict[str, Any]) -> str | None:
+def find_tokenizer(ckpt: str, state: RunState) -> str | None:
     """The tokenizer of checkpoint ``ckpt`` (see module docstring), or None if it cannot be told."""
     for _ in range(_MAX_PROVENANCE_DEPTH):
-        source = state.get("converted_from")
+        source = state.converted_from
         if not source:
             return _run_tokenizer(ckpt)
         if source.get("tool") == IMPORT_TOOL:
@@ -127,7 +129,7 @@ def export_checkpoint(checkpoint: str, output: str, tokenizer: str | None = None
 
     state = _checkpoint_state(checkpoint)
     out = check_output_path(output, checkpoint, force)
-    model = model_config(state["model"])
+    model = model_config(state.model)
     family = FAMILIES[model.kind]
     tok_path = tokenizer or find_tokenizer(checkpoint, state)
     if tok_path is None:
@@ -139,9 +141,9 @@ def export_checkpoint(checkpoint: str, output: str, tokenizer: str | None = None
         raise ConversionError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but the model only "
                               f"{model.vocab_size} (model.vocab_size): not the model's tokenizer")
     config = hf_config(model, tok.special_ids)
-    monarch = state.get("monarch") if state["phase_kind"] == "monarch" else None
-    log(f"read {checkpoint}: {model.kind} {model.num_layers}x{model.hidden_size}, {state['phase_kind']}"
-        f"{' ' + str(monarch) if monarch else ''}, TP={state['tensor_model_parallel_size']}, step {state.get('step')}")
+    monarch = state.monarch
+    log(f"read {checkpoint}: {model.kind} {model.num_layers}x{model.hidden_size}, {state.phase_kind}"
+        f"{' ' + str(monarch) if monarch else ''}, TP={state.tensor_model_parallel_size}, step {state.step}")
 
     src = read_checkpoint(checkpoint)
     merged = merge_tp(src.modules)
@@ -287,12 +289,12 @@ def import_model(model_dir: str, output: str, tensor_parallel: int = 1, make_voc
     state = from_hf_state(tensors, model, family)
     del tensors
     dtype = state["embedding.word_embeddings.weight"].dtype
-    run_state = _imported_run_state(model_dir, out, model, family, tp, dtype, near)
+    run_state = RunState.from_json(_imported_run_state(model_dir, out, model, family, tp, dtype, near))
     # DeepSpeed's bookkeeping of a module-only checkpoint (load_checkpoint(load_module_only=True) reads these).
     meta = {"buffer_names": [], "global_steps": 0, "global_samples": 0, "skipped_steps": 0, "dp_world_size": 1}
     write_checkpoint(out, split_tp(state, tp), meta, run_state, force)
     overrides = init_overrides(model)
-    report = {"run_state": run_state, "approximations": near, "overrides": overrides,
+    report = {"run_state": run_state.to_json(), "approximations": near, "overrides": overrides,
               "seconds": time.perf_counter() - t0}
     log(f"wrote {output} (dense, TP={tp}, {PRECISION_OF.get(dtype, dtype)}, no optimizer state) "
         f"in {report['seconds']:.1f}s")
@@ -308,7 +310,7 @@ def run_cli(prog: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int
     line ``<prog>: error: ...`` on stderr and exit code 2."""
     try:
         fn(*args, **kwargs, log=lambda line: print(line, flush=True))
-    except ConversionError as err:
+    except CheckpointFormatError as err:  # ConversionError and the format's own (a file unreadable, ...)
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -19,20 +19,21 @@ from typing import Any
 
 import torch
 
+from ..checkpointing.run_state import RunState
+from ..checkpointing.tp import check_replicated_agree, linear_prefixes, merge_tp, split_tp
 from ..models.config import MONARCH_LAYERS as ALL_LAYERS
 from ..models.config import MonarchConfig
 from ..parallel.kinds import FACTOR_KINDS, KINDS
 from ..training.config import ModelSection, monarch_layer_widths
 from .checkpoint import ConversionError, check_output_path, converted_run_state, read_checkpoint, write_checkpoint
-from .reshard import check_replicated_agree, linear_prefixes, merge_tp, split_tp
 from .to_monarch import check_factor_shapes, check_tp_shardable, layer_to_dense, project_layer
 
 TARGETS = ("dense", *KINDS)
 
 
-def _model_widths(run_state: dict[str, Any]) -> tuple[ModelSection, dict[str, tuple[int, int, str]]]:
+def _model_widths(run_state: RunState) -> tuple[ModelSection, dict[str, tuple[int, int, str]]]:
     try:
-        model = ModelSection(**run_state["model"])
+        model = ModelSection(**run_state.model)
     except TypeError as err:
         raise ConversionError(f"run_state.json 'model' entry is not a model section: {err}") from None
     return model, monarch_layer_widths(model)
@@ -142,7 +143,7 @@ def convert_checkpoint(
     if tensor_parallel is not None and tensor_parallel < 1:
         raise ConversionError(f"--tensor-parallel must be >= 1, got {tensor_parallel}")
     src = read_checkpoint(input_dir)
-    src_monarch = src.run_state.get("monarch") if src.run_state["phase_kind"] == "monarch" else None
+    src_monarch = src.run_state.monarch
     tgt = _target(to, nblocks, layers, src_monarch)
     tp = tensor_parallel or src.tp_size
     if tgt == src_monarch:
@@ -152,8 +153,8 @@ def convert_checkpoint(
     model, widths = _model_widths(src.run_state)
     if model.num_attention_heads % tp:
         raise ConversionError(f"--tensor-parallel {tp} does not divide num_attention_heads={model.num_attention_heads}")
-    log(f"read {input_dir}: {src.run_state['phase_kind']}{' ' + str(src_monarch) if src_monarch else ''} TP={src.tp_size}, "
-        f"step {src.run_state.get('step')}, precision {src.run_state.get('precision')}")
+    log(f"read {input_dir}: {src.run_state.phase_kind}{' ' + str(src_monarch) if src_monarch else ''} TP={src.tp_size}, "
+        f"step {src.run_state.step}, precision {src.run_state.precision}")
     disagree = check_replicated_agree(src.modules)
     if disagree:
         log(f"  warning: replicated tensors differ across TP ranks (rank 0's copy is used): {', '.join(disagree[:5])}")
@@ -171,7 +172,7 @@ def convert_checkpoint(
         log("  note: the output is inside a run's checkpoints/ directory; that run's resume scan skips it (it is "
             "marked converted_from and has no optimizer state); start a new run from it with "
             f"training.init_from={output_dir}")
-    report.update(run_state=run_state, seconds=time.perf_counter() - t0)
-    log(f"wrote {output_dir} ({run_state['phase_kind']}, TP={tp}, {len(shards)} model file(s), no optimizer state: "
+    report.update(run_state=run_state.to_json(), seconds=time.perf_counter() - t0)
+    log(f"wrote {output_dir} ({run_state.phase_kind}, TP={tp}, {len(shards)} model file(s), no optimizer state: "
         f"training from it starts fresh optimizer moments) in {report['seconds']:.1f}s")
     return report

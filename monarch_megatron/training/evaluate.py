@@ -14,18 +14,21 @@ it does not depend on how many processes evaluate.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
+from ..checkpointing.errors import CheckpointFormatError
+from ..checkpointing.run_state import RunState
+from ..checkpointing.shards import read_model_shard
+from ..checkpointing.store import check_model_files, load_run_state
 from .config import RunConfig
 from .schema_io import ConfigError
 
 
-def _phase_index(cfg: RunConfig, state: dict, phase: str | None) -> int:
+def _phase_index(cfg: RunConfig, state: RunState, phase: str | None) -> int:
     if phase is None:
-        return int(state.get("phase_index", 0))
+        return state.phase_index
     names = [p.name for p in cfg.phases]
     if phase in names:
         return names.index(phase)
@@ -46,28 +49,25 @@ def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, phase: str | None = Non
     from .loop import Trainer
     from .phases import build_plan
 
-    with open(os.path.join(checkpoint, "run_state.json")) as f:
-        state = json.load(f)
+    state = load_run_state(checkpoint)
     layout = current_layout()
     plan = build_plan(cfg)
     data_phase = plan[_phase_index(cfg, state, phase)]
-    mon = state.get("monarch")
-    monarch = None if mon is None else MonarchConfig.from_state(mon)
+    monarch = None if state.monarch is None else MonarchConfig.from_state(state.monarch)
     model_cfg = Trainer.model_config(cfg)
     seed_everything(cfg.seed)
     model = build_model(model_cfg, monarch, "fp32")
-    path = os.path.join(checkpoint, f"mp_rank_{layout.tp_rank:02d}_model_states.pt")
-    weights = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    weights = read_model_shard(checkpoint, layout.tp_rank)
     dtypes = {k: v.dtype for k, v in model.state_dict().items() if torch.is_tensor(v)}
     model.load_state_dict({k: v.to(dtypes[k]) if torch.is_tensor(v) and k in dtypes else v
                            for k, v in weights.items()}, strict=True)
     model.eval()
     source = prepare_data(cfg)
-    run_dp = int(state.get("data_parallel_size", layout.dp))
+    run_dp = state.data_parallel_size or layout.dp
     data = PhaseData(cfg, replace(data_phase, steps=1), replace(layout, dp=run_dp, dp_rank=0), source,
                      load_tokenizer(source.tokenizer_model))
     micro = data_phase.micro_batch_size
-    n_micro = cfg.training.eval_iters * int(state.get("data_parallel_size", layout.dp))
+    n_micro = cfg.training.eval_iters * run_dp
     sums: dict[str, float] = {}
     with torch.no_grad():
         for j in range(layout.dp_rank, n_micro, layout.dp):
@@ -89,11 +89,11 @@ def evaluate(cfg: RunConfig, checkpoint: str, phase: str | None = None) -> dict[
 
     if not os.path.isfile(os.path.join(checkpoint, "run_state.json")):
         raise ConfigError("--checkpoint", f"{checkpoint} is not a checkpoint directory (no run_state.json)")
-    with open(os.path.join(checkpoint, "run_state.json")) as f:
-        state = json.load(f)
-    tp = int(state.get("tensor_model_parallel_size", cfg.parallel.tensor_model_parallel_size))
-    from .checkpoint import check_model_files
-
+    try:
+        state = load_run_state(checkpoint)
+    except CheckpointFormatError as err:
+        raise ConfigError("--checkpoint", str(err)) from None
+    tp = state.tensor_model_parallel_size or cfg.parallel.tensor_model_parallel_size
     problem = check_model_files(checkpoint, state)  # sizes and SHA-256 recorded at the save
     if problem:
         raise ConfigError("--checkpoint", f"{checkpoint} does not verify: {problem}")

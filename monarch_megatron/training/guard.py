@@ -92,17 +92,17 @@ class NonFiniteGuard:
     def _message(self, what: str) -> str:
         step, bad = self.last_bad if self.last_bad else (None, [])
         span = f"steps {self.first_bad}..{step}" if self.first_bad not in (None, step) else f"step {step}"
-        finite = [(tag, s) for tag, s in self.checkpoints.complete() if s.get("losses_finite", True)]
+        finite = [(tag, s) for tag, s in self.checkpoints.complete() if s.losses_finite]
         last = (f"the newest checkpoint saved with finite losses is {self.checkpoints.path(finite[-1][0])} "
-                f"(step {finite[-1][1]['step']}); re-running the command resumes from it"
+                f"(step {finite[-1][1].step}); re-running the command resumes from it"
                 if finite else "no checkpoint with finite losses exists yet")
         return (f"non-finite training: {what}; {span}: {', '.join(bad)}. Stopped without saving or pruning; {last}. "
                 "Usual causes: a learning rate too high for the batch or the warm-up, fp16 overflow at every loss "
                 "scale (use precision.dtype=bf16), a corrupt data file (README, Troubleshooting)")
 
-    def before_save(self, engine, step: int) -> dict[str, Any]:
-        """Check that step ``step`` may be saved; returns the run-state entries the checkpoint records.
-        Collective (the parameter check).
+    def before_save(self, engine, step: int) -> bool:
+        """Check that step ``step`` may be saved; returns whether every step since the previous save
+        was finite (the checkpoint's ``losses_finite``). Collective (the parameter check).
 
         Raises:
             NonFiniteError: the newest step, or a parameter, is not finite.
@@ -117,9 +117,8 @@ class NonFiniteGuard:
             self.last_bad, self.first_bad = (step, ["parameters"]), None
             raise NonFiniteError(self._message(f"the model's parameters are not finite after step {step} "
                                                "(its losses were finite: the last update made them so)"))
-        entries = {"losses_finite": self.window_finite}
-        self.window_finite = True
-        return entries
+        finite_window, self.window_finite = self.window_finite, True
+        return finite_window
 
 
 __all__ = ["EXIT_CODE", "NonFiniteError", "NonFiniteGuard"]

@@ -17,18 +17,17 @@ model (cast to the model's dtype) and, in fp16/bf16, writes it as the ZeRO-1 fp3
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
-import torch
-
-from .checkpoint import RUN_STATE, check_model_files
+from ..checkpointing.errors import CheckpointFormatError
+from ..checkpointing.run_state import RunState
+from ..checkpointing.shards import MODEL_FILE, read_model_shard
+from ..checkpointing.store import RUN_STATE, check_model_files, load_run_state
 from .config import RunConfig
 from .schema_io import ConfigError
 
 KEY = "training.init_from"
-MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
 # model entries that fix parameter shapes / module structure (dropouts and init std do not).
 STRUCTURE_KEYS = ("kind", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
                   "max_position_embeddings", "sentence_order", "make_vocab_size_divisible_by")
@@ -55,7 +54,7 @@ def _convert_hint(path: str, to: str, nblocks: int | None = None, tp: int | None
     return f"python launcher/convert_checkpoint.py --input {path} --output <new dir> --to {to}{extra}"
 
 
-def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
+def check_init_from(cfg: RunConfig) -> RunState | None:
     """Validate ``training.init_from`` against ``cfg``'s first phase; returns its run_state (None if unset).
 
     Raises:
@@ -73,29 +72,28 @@ def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
     if not os.path.isfile(state_path):
         raise ConfigError(KEY, f"{path} is not a complete checkpoint: {RUN_STATE} is missing")
     try:
-        with open(state_path) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(KEY, f"{state_path} is not readable JSON ({err})") from None
-    if not isinstance(state, dict) or not state.get("complete"):
+        state = load_run_state(path)
+    except CheckpointFormatError as err:
+        raise ConfigError(KEY, str(err)) from None
+    if not state.complete:
         raise ConfigError(KEY, f"{path} is not a complete checkpoint ({RUN_STATE} lacks \"complete\": true; "
                           "an interrupted save or copy?)")
     for entry in ("model", "phase_kind", "tensor_model_parallel_size"):
-        if entry not in state:
+        if getattr(state, entry) is None:
             raise ConfigError(KEY, f"{state_path} has no '{entry}' entry (not a monarch-megatron checkpoint?)")
-    differences = model_differences(state["model"], cfg)
+    differences = model_differences(state.model, cfg)
     if differences:
         raise ConfigError(KEY, f"{path} holds a different model: {'; '.join(differences)}")
     first = cfg.phases[0]
     want = "dense" if first.monarch is None else "monarch"
     to = "dense" if first.monarch is None else first.monarch.kind  # the convert_checkpoint.py target
-    have = state["phase_kind"]
+    have = state.phase_kind
     if have != want:
         hint = _convert_hint(path, to, first.monarch.nblocks if first.monarch else None)
         raise ConfigError(KEY, f"{path} is a {have} checkpoint (phase_kind) but the run's first phase phases[0] "
                           f"({first.name!r}) is {want}; convert it first: {hint}")
     if first.monarch is not None:
-        mon = state.get("monarch") or {}
+        mon = state.monarch or {}
         hint = _convert_hint(path, to, first.monarch.nblocks)
         if mon.get("kind", "monarch") != first.monarch.kind:
             raise ConfigError(KEY, f"{path} has {mon.get('kind', 'monarch')} layers but phases[0].monarch.kind is "
@@ -106,7 +104,7 @@ def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
         if mon.get("nblocks") != first.monarch.nblocks:
             raise ConfigError(KEY, f"{path} has Monarch nblocks={mon.get('nblocks')} but phases[0].monarch.nblocks is "
                               f"{first.monarch.nblocks}; convert it: {hint}")
-    tp, run_tp = int(state["tensor_model_parallel_size"]), cfg.parallel.tensor_model_parallel_size
+    tp, run_tp = state.tensor_model_parallel_size, cfg.parallel.tensor_model_parallel_size
     if tp != run_tp:
         raise ConfigError(KEY, f"{path} has tensor_model_parallel_size={tp} but this run has "
                           f"parallel.tensor_model_parallel_size={run_tp}; reshard it: {_convert_hint(path, to, tp=run_tp)}")
@@ -121,14 +119,10 @@ def check_init_from(cfg: RunConfig) -> dict[str, Any] | None:
 
 def load_init_weights(path: str, tp_rank: int) -> dict[str, Any]:
     """This TP rank's module state dict of the checkpoint ``path`` (CPU tensors; no optimizer state)."""
-    file = os.path.join(path, MODEL_FILE.format(tp_rank))
     try:
-        data = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, bad pickle
-        raise ConfigError(KEY, f"{file} is corrupt or truncated ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("module"), dict):
-        raise ConfigError(KEY, f"{file} is not a DeepSpeed model-states file (no 'module' state dict)")
-    return data["module"]
+        return read_model_shard(path, tp_rank)
+    except CheckpointFormatError as err:
+        raise ConfigError(KEY, str(err)) from None
 
 
 __all__ = ["check_init_from", "load_init_weights", "model_differences"]

@@ -28,7 +28,9 @@ from torch.profiler import record_function
 from ..data import load_tokenizer
 from ..models import ModelConfig, forward_step
 from .batches import PhaseData, prepare_data
-from .checkpoint import CheckpointManager, checkpoint_tag
+from ..checkpointing.run_state import RunState
+from ..checkpointing.store import checkpoint_tag
+from .checkpoint import CheckpointManager, restore_optimizer_state
 from .config import RunConfig
 from .dryrun import plan_lines
 from .distributed import Layout, all_reduce_mean, mean_over, seed_everything, step_seed
@@ -101,24 +103,24 @@ class Trainer:
         done = [min(max(step - p.start, 0), p.steps) * p.global_batch_size for p in self.plan]
         return sum(done), sum(n * p.seq_length for n, p in zip(done, self.plan))
 
-    def run_state(self, phase: Phase) -> dict[str, Any]:
-        """The ``run_state.json`` content for the current step (see checkpoint.py)."""
+    def run_state(self, phase: Phase, losses_finite: bool = True) -> RunState:
+        """The ``run_state.json`` record of the current step (checkpointing/run_state.py)."""
         done = self.consumed(self.step)[0]
-        return {
-            "step": self.step, "total_steps": self.total, "phase_index": phase.index, "phase": phase.name,
-            "phase_kind": phase.kind, "phase_step": self.step - phase.start, "phase_steps": phase.steps,
-            "phase_end": self.step == phase.end, "consumed_samples": done,
-            "phase_consumed_samples": (self.step - phase.start) * phase.global_batch_size,
-            "config_hash": self.cfg.config_hash(), "run_name": self.cfg.run_name,
-            "model": {**to_plain(self.cfg.model), "vocab_size": self.cfg.vocab_size},
-            "monarch": None if phase.monarch is None else phase.monarch.to_state(),
-            "precision": self.cfg.precision.dtype, "tensor_model_parallel_size": self.layout.tp,
-            "data_parallel_size": self.layout.dp, "world_size": self.layout.world,
-        }
+        return RunState(
+            step=self.step, total_steps=self.total, phase_index=phase.index, phase=phase.name,
+            phase_kind=phase.kind, phase_step=self.step - phase.start, phase_steps=phase.steps,
+            phase_end=self.step == phase.end, consumed_samples=done,
+            phase_consumed_samples=(self.step - phase.start) * phase.global_batch_size,
+            config_hash=self.cfg.config_hash(), run_name=self.cfg.run_name,
+            model={**to_plain(self.cfg.model), "vocab_size": self.cfg.vocab_size},
+            monarch=None if phase.monarch is None else phase.monarch.to_state(),
+            precision=self.cfg.precision.dtype, tensor_model_parallel_size=self.layout.tp,
+            data_parallel_size=self.layout.dp, world_size=self.layout.world, losses_finite=losses_finite,
+        )
 
     def save(self, phase: Phase) -> str:
         # The guard first: no checkpoint of a non-finite step or of non-finite weights.
-        tag = self.ckpt.save(self.engine, {**self.run_state(phase), **self.guard.before_save(self.engine, self.step)})
+        tag = self.ckpt.save(self.engine, self.run_state(phase, self.guard.before_save(self.engine, self.step)))
         logger.info("saved checkpoint %s", self.ckpt.path(tag))
         return tag
 
@@ -243,23 +245,33 @@ class Trainer:
             self.step = 0
             logger.info("starting a new run: %d steps in %d phase(s); output in %s", self.total, len(self.plan), self.cfg.output_dir)
             if init_from:
-                conv = source.get("converted_from") or {}
+                conv = source.converted_from or {}
                 logger.info("initialised from the model weights of %s (%s%s, step %s of its run%s); fresh optimizer "
-                            "moments, step 0", init_from, source["phase_kind"],
-                            f" {source['monarch']}" if source.get("monarch") else "", source.get("step"),
+                            "moments, step 0", init_from, source.phase_kind,
+                            f" {source.monarch}" if source.monarch else "", source.step,
                             f"; converted from {conv.get('phase_kind')} {conv.get('path')}" if conv else "")
             return phase
         tag, state = latest
         if init_from:
             logger.info("training.init_from=%s is ignored: output_dir has a checkpoint to resume from (%s); resuming "
                         "always wins", init_from, self.ckpt.path(tag))
-        if state.get("config_hash") != self.cfg.config_hash():
+        if state.config_hash != self.cfg.config_hash():
             logger.warning("WARNING: the config changed since checkpoint %s was written (hash %s, now %s)",
-                           tag, state.get("config_hash"), self.cfg.config_hash())
-        phase = self.plan[state["phase_index"]]
-        self.engine, self.optimizer_desc = build_phase_engine(self.cfg, self.model_cfg, phase, self.layout, None)
-        self.ckpt.load(self.engine, tag, load_optimizer=True)
-        self.step = state["step"]
+                           tag, state.config_hash, self.cfg.config_hash())
+        phase = self.plan[state.phase_index]
+        if self.ckpt.same_layout(state):
+            self.engine, self.optimizer_desc = build_phase_engine(self.cfg, self.model_cfg, phase, self.layout, None)
+            self.ckpt.load(self.engine, tag, load_optimizer=True)
+        else:
+            (tp, dp), lay = state.layout, self.layout
+            logger.info("checkpoint %s was written by TP=%d x DP=%d processes; resharding its fp32 master weights, "
+                        "optimizer moments, optimizer step and loss scale to this job's TP=%d x DP=%d",
+                        self.ckpt.path(tag), tp, dp, lay.tp, lay.dp)
+            local = self.ckpt.read_resharded(tag, state)
+            self.engine, self.optimizer_desc = build_phase_engine(self.cfg, self.model_cfg, phase, lay, local.module)
+            restore_optimizer_state(self.engine, local)
+            del local
+        self.step = state.step
         logger.info("resuming from checkpoint %s (step %d/%d, phase %s, %s)", self.ckpt.path(tag), self.step,
                     self.total, phase.name, phase.kind)
         return phase

@@ -21,29 +21,37 @@ from .config import RunConfig, launch_world_size
 from .schema_io import ConfigError
 
 
-def check_resume_layout(cfg: RunConfig, world_size: int) -> None:
-    """A run resumes only at the parallel layout that wrote its checkpoint: DeepSpeed keeps one ZeRO-1
-    optimizer shard per data-parallel rank and one model file per tensor-parallel rank."""
-    from .checkpoint import scan_checkpoints
+def check_resume_layout(cfg: RunConfig, world_size: int) -> str | None:
+    """A resume at another TP x DP layout than the one that wrote the resume point reshards it
+    (training/checkpoint.py): here, before any work, only that the checkpoint has every file of
+    the layout it records. Returns a line describing the change (None: the same layout, or none
+    recorded, or no checkpoint).
+
+    Raises:
+        ConfigError: (``parallel``) a model or optimizer file of the checkpoint's layout is missing.
+    """
+    from ..checkpointing.reshard import saved_data_parallel_size
+    from ..checkpointing.shards import MODEL_FILE, OPTIM_FILE
+    from ..checkpointing.store import scan_checkpoints
 
     resumable = scan_checkpoints(os.path.join(cfg.output_dir, "checkpoints")).resumable
     if not resumable:
-        return
+        return None
     tag, state = resumable[-1]
-    tp = cfg.parallel.tensor_model_parallel_size
-    was = (state.get("tensor_model_parallel_size"), state.get("data_parallel_size"))
-    now = (tp, world_size // tp)
-    if None in was or was == now:
-        return
     path = os.path.join(cfg.output_dir, "checkpoints", tag)
-    raise ConfigError(
-        "parallel",
-        f"checkpoint {path} was written by TP={was[0]} x DP={was[1]} processes, but this job is TP={now[0]} x "
-        f"DP={now[1]} (world size {world_size}); its ZeRO-1 optimizer shards load only at the layout that wrote "
-        f"them. Resume with {was[0] * was[1]} processes and parallel.tensor_model_parallel_size={was[0]}, or start "
-        f"a new output_dir from its weights with fresh optimizer moments: launcher/convert_checkpoint.py --input "
-        f"{path} --output NEW --to {state.get('phase_kind')} --tensor-parallel {tp}, then training.init_from=NEW",
-    )
+    tp = cfg.parallel.tensor_model_parallel_size
+    was_tp, was_dp = state.tensor_model_parallel_size, saved_data_parallel_size(path, state)
+    if was_tp is None or (was_tp, was_dp) == (tp, world_size // tp):
+        return None
+    needed = [MODEL_FILE.format(t) for t in range(was_tp)]
+    needed += [OPTIM_FILE.format(d, t) for t in range(was_tp) for d in range(was_dp)]
+    missing = [n for n in needed if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise ConfigError("parallel", f"checkpoint {path} was written by TP={was_tp} x DP={was_dp} processes, and "
+                          f"resharding it to TP={tp} x DP={world_size // tp} needs all their files, but "
+                          f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} is missing")
+    return (f"resuming from checkpoint {path}, written by TP={was_tp} x DP={was_dp} processes, at TP={tp} x "
+            f"DP={world_size // tp}: its weights, optimizer state, step and data position are resharded")
 
 
 def check_resume_model(cfg: RunConfig) -> None:
@@ -54,7 +62,8 @@ def check_resume_model(cfg: RunConfig) -> None:
         ConfigError: (``model``) naming every differing size; (``phases[i]...``) another phase
             structure; (``output_dir``) checkpoints that all fail to verify.
     """
-    from .checkpoint import nothing_verifies, scan_checkpoints
+    from ..checkpointing.store import scan_checkpoints
+    from .checkpoint import nothing_verifies
     from .init_from import model_differences
     from .phases import build_plan
 
@@ -66,26 +75,26 @@ def check_resume_model(cfg: RunConfig) -> None:
         return
     tag, state = scan.resumable[-1]
     path = os.path.join(root, tag)
-    differences = model_differences(state.get("model"), cfg)
+    differences = model_differences(state.model, cfg)
     if differences:
         raise ConfigError("model", f"resuming from checkpoint {path}, which holds another model: {'; '.join(differences)}. "
                           "Resume with the model it was written with, or start a new output_dir (training.init_from "
                           "carries weights only between equal models)")
     plan = build_plan(cfg)
-    i = state["phase_index"]
+    i = state.phase_index
     if i >= len(plan):
-        raise ConfigError("phases", f"checkpoint {path} is in phase {i} ({state['phase']!r}) but this config has "
+        raise ConfigError("phases", f"checkpoint {path} is in phase {i} ({state.phase!r}) but this config has "
                           f"{len(plan)} phase(s)")
     phase = plan[i]
-    mon = state.get("monarch")
+    mon = state.monarch
     have = None if mon is None else (mon.get("kind", "monarch"), sorted(mon.get("layers") or []), mon.get("nblocks"))
     want = None if phase.monarch is None else (phase.monarch.kind, sorted(phase.monarch.layers), phase.monarch.nblocks)
     if have != want:
-        raise ConfigError(f"phases[{i}].monarch", f"checkpoint {path} was written by phase {state['phase']!r} with "
+        raise ConfigError(f"phases[{i}].monarch", f"checkpoint {path} was written by phase {state.phase!r} with "
                           f"monarch {mon}, but phases[{i}] ({phase.name!r}) of this config is "
                           f"{'dense' if want is None else f'{want[0]} layers={want[1]} nblocks={want[2]}'}")
-    if state["step"] > phase.end:
-        raise ConfigError("training.total_steps", f"checkpoint {path} is at step {state['step']}, past the end of "
+    if state.step > phase.end:
+        raise ConfigError("training.total_steps", f"checkpoint {path} is at step {state.step}, past the end of "
                           f"phases[{i}] ({phase.name!r}, step {phase.end}) in this config")
 
 
@@ -131,7 +140,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         CheckpointError: a checkpoint could not be written (e.g. the disk is full).
     """
     preflight(cfg)
-    from .checkpoint import STAGING
+    from ..checkpointing.store import STAGING
     from .distributed import init_distributed, shutdown
     from .loop import Trainer
     from .metrics import logger, setup_logging

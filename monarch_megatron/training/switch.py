@@ -2,7 +2,7 @@
 
 The switch (reverse sparsification, DESIGN.md): the last structured (Monarch or block-diagonal)
 checkpoint has already been saved by the loop; here the model is converted in memory, exactly
-(:func:`monarch_megatron.convert.dense_state_dict_from_monarch`: the dense matrix of this rank's
+(:func:`monarch_megatron.parallel.densify.dense_state_dict_from_monarch`: the dense matrix of this rank's
 factors in megatron's TP layout, no communication), the dense model is built from megatron-core's stock local
 spec (``build_model(..., monarch=None)``), the converted weights are loaded, and a new DeepSpeed
 engine is created for the new phase.
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..convert import dense_state_dict_from_monarch
 from ..models import build_model, forward_step
+from ..parallel.densify import dense_state_dict_from_monarch
 from ..parallel.kinds import FACTOR_KINDS
 from .distributed import all_reduce_mean, seed_everything
 from .engine import build_engine, release

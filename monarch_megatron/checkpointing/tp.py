@@ -16,18 +16,20 @@ Which entries are sharded, and how, is megatron-core's layout for the layers our
   is replicated: rank 0's copy is taken.
 
 The global form is a state dict with the same keys, holding full tensors; structured layers keep
-their factor keys with the global factors.
+their factor keys with the global factors. Every merge / split is a concatenation or a fixed
+permutation of entries, so it applies unchanged to anything shaped like the parameters: fp32
+master weights and optimizer moments (:mod:`.reshard`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..parallel.kinds import FACTOR_KINDS
-from .checkpoint import ConversionError
+from .errors import CheckpointFormatError
 
 # megatron module name -> (our layer name, TP style)
 LINEARS = {"linear_qkv": ("qkv", "column"), "linear_fc1": ("fc1", "column"),
@@ -72,24 +74,44 @@ def linear_prefixes(state: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return out
 
 
+class _FactorGroup(NamedTuple):
+    """The factors of one structured linear, named by the entry of its kind's first factor."""
+
+    prefix: str  # the module's key prefix
+    name: str  # our layer name (fc1, ...)
+    style: str  # "column" | "row"
+    kind: Any  # its LayerKind
+    keys: list[str]  # the factors' keys, in the kind's order
+
+
+def _factor_group(key: str) -> _FactorGroup | bool:
+    """The factor group that ``key`` opens (its kind's first factor); True for a kind's later factor
+    (handled with the first); False for any other entry."""
+    parsed = parse_linear_key(key)
+    if parsed is None or parsed[3] not in FACTOR_KINDS:
+        return False
+    kind = FACTOR_KINDS[parsed[3]]
+    if parsed[3] != kind.factor_names[0]:
+        return True
+    prefix, name, style, _ = parsed
+    return _FactorGroup(prefix, name, style, kind, [f"{prefix}.{n}" for n in kind.factor_names])
+
+
 def merge_tp(modules: list[dict[str, Any]]) -> dict[str, Any]:
     """The global state dict of TP shards ``modules`` (rank order). Exact: only concatenations."""
     if len(modules) == 1:
         return dict(modules[0])
     merged: dict[str, Any] = {}
     for key, first in modules[0].items():
-        parsed = parse_linear_key(key)
-        if parsed is not None and parsed[3] in FACTOR_KINDS:
-            kind = FACTOR_KINDS[parsed[3]]
-            if parsed[3] != kind.factor_names[0]:
-                continue  # merged with the kind's first factor
-            prefix, _, style, _ = parsed
-            names = [f"{prefix}.{n}" for n in kind.factor_names]
+        group = _factor_group(key)
+        if group is True:
+            continue  # merged with the kind's first factor
+        if group:
             try:
-                factors = kind.merge([tuple(sd[n] for n in names) for sd in modules], style)
+                factors = group.kind.merge([tuple(sd[n] for n in group.keys) for sd in modules], group.style)
             except (KeyError, ValueError) as err:
-                raise ConversionError(f"cannot merge the TP shards of {prefix}: {err}") from None
-            merged.update(zip(names, factors))
+                raise CheckpointFormatError(f"cannot merge the TP shards of {group.prefix}: {err}") from None
+            merged.update(zip(group.keys, factors))
             continue
         dim = shard_dim(key)
         if dim is None or not torch.is_tensor(first):
@@ -97,7 +119,7 @@ def merge_tp(modules: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             shapes = {tuple(sd[key].shape) for sd in modules}
             if len(shapes) != 1:
-                raise ConversionError(f"TP shards of {key} differ in shape: {sorted(shapes)}")
+                raise CheckpointFormatError(f"TP shards of {key} differ in shape: {sorted(shapes)}")
             merged[key] = torch.cat([sd[key] for sd in modules], dim=dim)
     # Keep the source key order (a kind's factors together).
     return {k: merged[k] for k in modules[0] if k in merged}
@@ -107,25 +129,23 @@ def split_tp(state: dict[str, Any], tp: int) -> list[dict[str, Any]]:
     """Per-rank state dicts of the global ``state`` for TP size ``tp`` (new contiguous tensors).
 
     Raises:
-        ConversionError: a sharded dimension or a Monarch layout does not divide by ``tp``.
+        CheckpointFormatError: a sharded dimension or a Monarch layout does not divide by ``tp``.
     """
     if tp == 1:
         return [dict(state)]
     shards: list[dict[str, Any]] = [{} for _ in range(tp)]
     for key, value in state.items():
-        parsed = parse_linear_key(key)
-        if parsed is not None and parsed[3] in FACTOR_KINDS:
-            kind = FACTOR_KINDS[parsed[3]]
-            if parsed[3] != kind.factor_names[0]:
-                continue  # split with the kind's first factor
-            prefix, name, style, _ = parsed
-            names = [f"{prefix}.{n}" for n in kind.factor_names]
+        group = _factor_group(key)
+        if group is True:
+            continue  # split with the kind's first factor
+        if group:
             try:
-                per_rank = kind.split(tuple(state[n] for n in names), tp, style)
+                per_rank = group.kind.split(tuple(state[n] for n in group.keys), tp, group.style)
             except (KeyError, ValueError) as err:
-                raise ConversionError(f"cannot shard {prefix} ({name}) over tensor_parallel={tp}: {err}") from None
+                raise CheckpointFormatError(f"cannot shard {group.prefix} ({group.name}) over tensor_parallel={tp}: "
+                                            f"{err}") from None
             for sd, factors in zip(shards, per_rank):
-                sd.update(zip(names, factors))
+                sd.update(zip(group.keys, factors))
             continue
         dim = shard_dim(key)
         if dim is None or not torch.is_tensor(value):
@@ -133,8 +153,8 @@ def split_tp(state: dict[str, Any], tp: int) -> list[dict[str, Any]]:
                 sd[key] = value  # replicated (the same tensor object: saved once per file)
             continue
         if value.shape[dim] % tp:
-            raise ConversionError(f"{key} has {value.shape[dim]} entries along its TP dimension {dim}, "
-                                  f"not divisible by tensor_parallel={tp}")
+            raise CheckpointFormatError(f"{key} has {value.shape[dim]} entries along its TP dimension {dim}, "
+                                        f"not divisible by tensor_parallel={tp}")
         for sd, part in zip(shards, torch.chunk(value, tp, dim=dim)):
             sd[key] = part.clone(memory_format=torch.contiguous_format)  # a view would save the whole tensor
     return [{k: sd[k] for k in state if k in sd} for sd in shards]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..parallel import StructuredParallelLinear
+from .layers import StructuredParallelLinear
 
 
 @torch.no_grad()
