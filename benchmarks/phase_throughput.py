@@ -3,7 +3,7 @@
     python benchmarks/phase_throughput.py                                  # every case, the fast step
     python benchmarks/phase_throughput.py --cases bert-large-64 --paths fast,plain
     python benchmarks/phase_throughput.py --cases paper,bert-large-64,gpt2-medium-8   # the paper's configurations next to ours
-    python benchmarks/phase_throughput.py --compare-losses bert-large-64   # fast vs plain losses, dropout off
+    python benchmarks/phase_throughput.py --compare-losses bert-large-64 --cases ''  # fast vs plain losses only, dropout off
 
 Each case runs ``launcher/pretrain.py`` on a recipe config (configs/*.yaml) with overrides that
 keep both phases at the same sequence length, micro batch and accumulation (>= 4 micro-steps per
@@ -185,6 +185,15 @@ def main() -> int:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="where logs and JSON go (default $OUT)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
+    # Every argument is checked before the first run: a typo must not cost a GPU session's minutes.
+    cases = [c for name in (args.cases.split(",") if args.cases else [])
+             for c in CASE_GROUPS.get(name, name).split(",")]
+    unknown = [c for c in cases + ([args.compare_losses] if args.compare_losses else []) if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join([*CASE_GROUPS, *CASES])} "
+                     "(--cases '' runs none)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     results, longest = {"runs": [], "compare": None}, 0.0
     try:
@@ -209,11 +218,6 @@ def main() -> int:
     if args.compare_losses:
         results["compare"] = compare_losses(args.compare_losses, args.compare_steps, args)
         save()
-    cases = [c for name in (args.cases.split(",") if args.cases else [])
-             for c in CASE_GROUPS.get(name, name).split(",")]
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join([*CASE_GROUPS, *CASES])}")
     for case in cases:
         for path in args.paths.split(","):
             if not budget_left():
