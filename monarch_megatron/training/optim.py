@@ -6,10 +6,12 @@ group's parameters, flattened and padded) instead of the parameters. That is har
 LAMB kernel given the flat partition would compute one ratio for the whole partition: wrong at any
 DP size. :class:`ZeroLamb` therefore learns the partition layout from DeepSpeed once
 (:meth:`ZeroLamb.attach_zero_layout`: which slice of the flat partition belongs to which tensor),
-computes per-segment squared norms with one ``segment_reduce``, sums them per tensor over the
-data-parallel group (and over the TP group for tensor-parallel parameters) and scales the update
-per segment. That is exactly single-device LAMB at any TP x DP, with a handful of kernels per
-group. (One parameter group per tensor would also be correct, but DeepSpeed's per-group overhead
+computes per-segment norms with one multi-tensor ``torch._foreach_norm`` over views of the
+segments, sums their squares per tensor over the data-parallel group (and over the TP group for
+tensor-parallel parameters) and scales the update per segment. That is exactly single-device LAMB
+at any TP x DP, with no host synchronisation. (``torch.segment_reduce`` and ``repeat_interleave``,
+the first version, took ~20 ms of a BERT-large step's GPU time on an H200: cub's segmented
+reduction is slow for ~400 segments of very different lengths; benchmarks/RESULTS.md, issue 11.) (One parameter group per tensor would also be correct, but DeepSpeed's per-group overhead
 made BERT-large steps 8x slower on an H200.)
 
 Choice of implementation:
@@ -76,12 +78,12 @@ class ZeroLamb(torch.optim.Optimizer):
             if len(group["params"]) != 1 or flat.numel() != size:
                 raise RuntimeError("unexpected ZeRO partition layout (DeepSpeed internals changed?)")
             dev = flat.device
-            layouts[id(flat)] = ({
-                "lengths": torch.tensor(lengths, device=dev),
+            layouts[id(flat)] = {
+                "lengths": lengths,
                 "owners": torch.tensor([o if o >= 0 else len(params) for o in owners], device=dev),
                 "n": len(params),
                 "tp": torch.tensor([bool(getattr(p, "tensor_model_parallel", False)) for p in params], device=dev),
-            })
+            }
         self.layouts = layouts
 
     @torch.no_grad()
@@ -101,38 +103,39 @@ class ZeroLamb(torch.optim.Optimizer):
                 state["step"] += 1
                 g = p.grad.float()
                 m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
+                # Few passes over the (flat, fp32) partition: each op reads and writes it once.
+                m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                u = (m / (1 - b1**t)).div_((v / (1 - b2**t)).sqrt_().add_(group["eps"]))
-                if group["weight_decay"]:
-                    u.add_(p.float(), alpha=group["weight_decay"])
+                denom = v.div(1 - b2**t).sqrt_().add_(group["eps"])
+                w = p.float()
+                u = (torch.addcdiv(w * group["weight_decay"], m, denom, value=1 / (1 - b1**t)) if group["weight_decay"]
+                     else torch.div(m, denom).mul_(1 / (1 - b1**t)))
                 if self.layouts is not None:
                     lay = self.layouts[id(p)]
-                    work.append((group, p, u, lay["lengths"], lay["owners"], lay["n"], lay["tp"]))
+                    work.append((group, p, w, u, lay["lengths"], lay["owners"], lay["n"], lay["tp"]))
                 else:
-                    one = torch.tensor([p.numel()], device=p.device)
                     tp = torch.tensor([bool(getattr(p, "tensor_model_parallel", False))], device=p.device)
-                    work.append((group, p, u, one, torch.zeros(1, dtype=torch.long, device=p.device), 1, tp))
+                    work.append((group, p, w, u, [p.numel()], torch.zeros(1, dtype=torch.long, device=p.device), 1, tp))
         if not work:
             return loss
         # Per-tensor partial squared norms of w and u, all tensors of all groups in one (T, 2) table
         # (one extra row per group collects padding).
         rows, offsets, total = [], [], 0
-        for _, p, u, lengths, owners, n, _ in work:
-            seg = torch.stack([torch.segment_reduce(p.float().reshape(-1).square(), "sum", lengths=lengths),
-                               torch.segment_reduce(u.reshape(-1).square(), "sum", lengths=lengths)], dim=1)
-            table = torch.zeros(n + 1, 2, dtype=seg.dtype, device=seg.device).index_add_(0, owners, seg)
-            rows.append(table)
+        for _, _, w, u, lengths, owners, n, _ in work:
+            norms = [torch.stack(torch._foreach_norm(x.reshape(-1).split(lengths))) for x in (w, u)]
+            seg = torch.stack(norms, dim=1).square_()
+            rows.append(torch.zeros(n + 1, 2, dtype=seg.dtype, device=seg.device).index_add_(0, owners, seg))
             offsets.append(total)
             total += n + 1
         sq = torch.cat(rows)
-        tp_mask = torch.cat([torch.cat([w[6], w[6].new_zeros(1)]) for w in work])
+        tp_mask = torch.cat([torch.cat([item[7], item[7].new_zeros(1)]) for item in work])
         self._reduce(sq, tp_mask)
         w_norm, u_norm = sq[:, 0].sqrt(), sq[:, 1].sqrt()
         ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-        for (group, p, u, lengths, owners, _, _), off in zip(work, offsets):
-            scale = torch.repeat_interleave(ratio[off + owners], lengths, output_size=p.numel())
-            p.add_((u.reshape(-1) * scale).view_as(p).to(p.dtype), alpha=-group["lr"])
+        for (group, p, _, u, lengths, owners, _, _), off in zip(work, offsets):
+            # One multiply per segment by its tensor's ratio (a 0-d device tensor: no host read).
+            torch._foreach_mul_(u.reshape(-1).split(lengths), ratio[off + owners].unbind())
+            p.add_(u.view_as(p).to(p.dtype), alpha=-group["lr"])
         return loss
 
     def _reduce(self, sq: torch.Tensor, tp_mask: torch.Tensor) -> None:
