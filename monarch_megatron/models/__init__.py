@@ -10,9 +10,12 @@ from .builder import (
     transformer_config,
 )
 from .config import MODEL_KINDS, ModelConfig, MonarchConfig
+from .family import FAMILIES, ModelFamily, model_family
 
 __all__ = [
+    "FAMILIES",
     "MODEL_KINDS",
+    "ModelFamily",
     "ModelConfig",
     "MonarchConfig",
     "SDPABertModel",
@@ -20,6 +23,7 @@ __all__ = [
     "forward_step",
     "loss_names",
     "masked_positions",
+    "model_family",
     "parameter_report",
     "transformer_config",
 ]

@@ -22,6 +22,7 @@ from ..monarch import MonarchOptions
 from ..parallel import SDPACoreAttention, StructuredParallelLinear, get_bert_layer_spec, get_gpt_layer_spec
 from . import cross_entropy as fused_ce
 from .config import ModelConfig, MonarchConfig
+from .family import model_family
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -208,7 +209,7 @@ def _masked_mean(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tens
 def loss_names(kind: str, sentence_order: bool) -> tuple[str, ...]:
     """Names of the values :func:`forward_step` reports, in order: ``loss`` first, then Megatron's
     ``lm loss`` and (BERT with the sentence-order head) ``sop loss``."""
-    return ("loss", "lm loss", "sop loss") if kind == "bert" and sentence_order else ("loss", "lm loss")
+    return model_family(kind).loss_names(sentence_order)
 
 
 class _MaskedPositionsGather:

@@ -16,7 +16,29 @@ MODEL_KINDS = ("bert", "gpt")
 # fuses with the fc1 bias (models/builder.py).
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
-__all__ = ["ACTIVATIONS", "MODEL_KINDS", "MONARCH_LAYERS", "ModelConfig", "MonarchConfig"]
+__all__ = ["ACTIVATIONS", "MODEL_KINDS", "MONARCH_LAYERS", "ModelConfig", "MonarchConfig", "ffn_width", "linear_widths",
+           "padded_vocab_size"]
+
+
+# The quantities derived from a model's sizes, each computed here only (the run config's model
+# section, ModelConfig, the FLOP count, conversions and checks call these).
+def ffn_width(hidden_size: int, ffn_hidden_size: int | None) -> int:
+    """The MLP width: ``ffn_hidden_size``, by default 4 x ``hidden_size`` (BERT's and GPT-2's)."""
+    return 4 * hidden_size if ffn_hidden_size is None else ffn_hidden_size
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``make_vocab_size_divisible_by`` (independent of
+    the TP size, so that the model's function is too)."""
+    m = make_vocab_size_divisible_by
+    return -(-vocab_size // m) * m
+
+
+def linear_widths(hidden_size: int, ffn: int) -> dict[str, tuple[int, int, str]]:
+    """``{layer: (in_features, out_features, TP style)}`` of the four linears of a transformer
+    layer (the names of :data:`MONARCH_LAYERS`), ``ffn`` the MLP width."""
+    h = hidden_size
+    return {"qkv": (h, 3 * h, "column"), "proj": (h, h, "row"), "fc1": (h, ffn, "column"), "fc2": (ffn, h, "row")}
 
 
 @dataclass(kw_only=True)
@@ -53,8 +75,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-        if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 4 * self.hidden_size
+        self.ffn_hidden_size = ffn_width(self.hidden_size, self.ffn_hidden_size)
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not a multiple of "
@@ -67,5 +88,4 @@ class ModelConfig:
     @property
     def padded_vocab_size(self) -> int:
         """``vocab_size`` rounded up to a multiple of ``make_vocab_size_divisible_by``."""
-        m = self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // m) * m
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by)

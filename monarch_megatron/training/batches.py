@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .config import RunConfig
 from .distributed import Layout
-from .phases import Phase
+from .phases import Phase, grad_accumulation
 from .schema_io import ConfigError
 
 
@@ -75,7 +75,7 @@ class StepSampler(Sampler[list[int]]):
     def __init__(self, start: int, end: int, global_batch: int, micro: int, dp: int, dp_rank: int) -> None:
         self.start, self.end = start, end
         self.global_batch, self.micro, self.dp, self.dp_rank = global_batch, micro, dp, dp_rank
-        self.accumulation = global_batch // (micro * dp)
+        self.accumulation = grad_accumulation(global_batch, micro, dp)
 
     def __iter__(self) -> Iterator[list[int]]:
         for k in range(self.start, self.end):

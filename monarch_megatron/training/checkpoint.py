@@ -306,13 +306,19 @@ def restore_optimizer_state(engine, state: TrainingState) -> None:
     zero = engine.optimizer
     inner = zero.optimizer
     if state.moments:
-        # The inner optimizer's state of each flat partition, created as its first step would,
-        # then linked to the parameters' fragments (DeepSpeed links them lazily at the first step).
+        # The inner optimizer's state of each flat partition (zero moments and the counters),
+        # through torch's load_state_dict, which puts each entry where the optimizer keeps it (a
+        # fused AdamW's step on the device, ...); then linked to the parameters' fragments, as
+        # DeepSpeed does lazily at the first step, and filled through them.
+        groups = inner.state_dict()["param_groups"]
+        partitions = {g["params"][0]: flat["params"][0] for g, flat in zip(groups, inner.param_groups)}
+        inner.load_state_dict({"param_groups": groups, "state": {
+            index: {**{k: torch.zeros_like(flat) for k in state.moments},
+                    # a copy per partition: torch's AdamW counts its step tensor up in place
+                    **{k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.counters.items()}}
+            for index, flat in partitions.items()}})
         for i, group in enumerate(inner.param_groups):
-            flat = group["params"][0]
-            inner.state[flat] = {**{k: torch.zeros_like(flat) for k in state.moments},
-                                 **{k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.counters.items()}}
-            lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], flat, inner.state)
+            lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], group["params"][0], inner.state)
         device = inner.param_groups[0]["params"][0].device
         for name, param in engine.module.named_parameters():
             for key, values in state.moments.items():

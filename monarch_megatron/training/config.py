@@ -37,6 +37,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ..models.config import ffn_width, linear_widths, padded_vocab_size
+from ..models.family import model_family
 from ..parallel.kinds import KINDS
 from ..parallel.specs import MONARCH_LAYERS
 from .schema_io import ConfigError, apply_override, build, load_yaml, parse_override, to_plain
@@ -271,23 +273,22 @@ def _validate_model(cfg: RunConfig) -> None:
     if m.num_attention_heads % tp:
         raise ConfigError("parallel.tensor_model_parallel_size",
                           f"tensor_model_parallel_size={tp} does not divide model.num_attention_heads={m.num_attention_heads}")
-    if (m.ffn_hidden_size or 4 * m.hidden_size) % tp:
-        raise ConfigError("parallel.tensor_model_parallel_size",
-                          f"tensor_model_parallel_size={tp} does not divide the MLP width {m.ffn_hidden_size or 4 * m.hidden_size}")
+    if ffn_width(m.hidden_size, m.ffn_hidden_size) % tp:
+        raise ConfigError("parallel.tensor_model_parallel_size", f"tensor_model_parallel_size={tp} does not divide the "
+                          f"MLP width {ffn_width(m.hidden_size, m.ffn_hidden_size)}")
     if cfg.vocab_size is None:
         raise ConfigError("model.vocab_size", "required (or set data.vocab_size, the tokenizer's vocabulary)")
-    padded = -(-cfg.vocab_size // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
+    padded = padded_vocab_size(cfg.vocab_size, m.make_vocab_size_divisible_by)
     if padded % tp:
         raise ConfigError("model.make_vocab_size_divisible_by",
                           f"the padded vocabulary {padded} is not divisible by tensor_model_parallel_size={tp}")
-    if m.kind == "gpt" and m.sentence_order:
-        m.sentence_order = False  # GPT has no sentence-order head; the default is BERT's
+    if m.sentence_order and not model_family(m.kind).sentence_order:
+        m.sentence_order = False  # e.g. GPT: no sentence-order head; the default is BERT's
 
 
 def monarch_layer_widths(m: ModelSection) -> dict[str, tuple[int, int, str]]:
     """(in_features, out_features, TP style) of each Monarch-capable linear of a layer."""
-    h, f = m.hidden_size, m.ffn_hidden_size or 4 * m.hidden_size
-    return {"qkv": (h, 3 * h, "column"), "proj": (h, h, "row"), "fc1": (h, f, "column"), "fc2": (f, h, "row")}
+    return linear_widths(m.hidden_size, ffn_width(m.hidden_size, m.ffn_hidden_size))
 
 
 def _validate_monarch(cfg: RunConfig, mon: MonarchSection, path: str) -> None:
@@ -494,13 +495,7 @@ def describe_world(cfg: RunConfig, world: int | None = None) -> dict[str, int]:
     return {"world": w, "tp": tp, "dp": w // tp}
 
 
-def grad_accumulation(cfg: RunConfig, i: int, dp: int) -> int:
-    """Micro-batches per optimizer step and rank in phase ``i``: global / (micro x dp)."""
-    ph, t = cfg.phases[i], cfg.training
-    return (ph.global_batch_size or t.global_batch_size) // ((ph.micro_batch_size or t.micro_batch_size) * dp)
-
-
 __all__ = [
     "ConfigError", "RunConfig", "load_config", "validate", "phase_steps", "resolved_optimizer",
-    "resolved_schedule", "launch_world_size", "describe_world", "grad_accumulation",
+    "resolved_schedule", "launch_world_size", "describe_world",
 ]

@@ -24,6 +24,7 @@ from ..checkpointing.errors import CheckpointFormatError
 from ..checkpointing.run_state import RunState
 from ..checkpointing.shards import MODEL_FILE, read_model_shard
 from ..checkpointing.store import RUN_STATE, check_model_files, load_run_state
+from ..models.config import ffn_width
 from .config import RunConfig
 from .schema_io import ConfigError
 
@@ -35,8 +36,8 @@ STRUCTURE_KEYS = ("kind", "num_layers", "hidden_size", "num_attention_heads", "f
 
 def _model_structure(model: dict[str, Any]) -> dict[str, Any]:
     out = {k: model.get(k) for k in STRUCTURE_KEYS}
-    if out["ffn_hidden_size"] is None and out["hidden_size"] is not None:
-        out["ffn_hidden_size"] = 4 * out["hidden_size"]
+    if out["hidden_size"] is not None:
+        out["ffn_hidden_size"] = ffn_width(out["hidden_size"], out["ffn_hidden_size"])
     return out
 
 

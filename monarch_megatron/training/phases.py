@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..data.masking import masked_positions_bound
 from ..models.config import MonarchConfig
+from ..models.family import model_family
 from .config import (
     OptimizerSection,
     RunConfig,
@@ -54,11 +55,17 @@ class Phase:
 
     def grad_accumulation(self, dp: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
-        return self.global_batch_size // (self.micro_batch_size * dp)
+        return grad_accumulation(self.global_batch_size, self.micro_batch_size, dp)
 
     def same_structure(self, other: "Phase") -> bool:
         """True when both phases build the same parameters (so weights copy over as they are)."""
         return self.monarch == other.monarch
+
+
+def grad_accumulation(global_batch: int, micro_batch: int, dp: int) -> int:
+    """Micro-batches per optimizer step on each of ``dp`` data-parallel ranks: global = micro x
+    accumulation x DP (the config check makes it exact)."""
+    return global_batch // (micro_batch * dp)
 
 
 def build_plan(cfg: RunConfig) -> list[Phase]:
@@ -68,7 +75,7 @@ def build_plan(cfg: RunConfig) -> list[Phase]:
         t = cfg.training
         seq = ph.seq_length or t.seq_length
         head = None
-        if cfg.model.kind == "bert" and t.mlm_head_masked_only:
+        if model_family(cfg.model.kind).masked_lm and t.mlm_head_masked_only:
             head = masked_positions_bound(seq, cfg.data.masked_lm_prob)
         monarch = None if ph.monarch is None else MonarchConfig(layers=tuple(ph.monarch.layers), nblocks=ph.monarch.nblocks,
                                                                 kind=ph.monarch.kind)
