@@ -6,7 +6,8 @@ and resumed at TP=1 x DP=1 gives the uninterrupted one-process run's losses: in 
 dense phase (AdamW). Tolerance rel 2e-5: the layouts sum in other orders (DP all-reduce, TP partial
 sums), so the runs agree to fp32 rounding, compounded over a few steps; a resume that lost the
 optimizer moments is off by percents. Resharding through the same path at the same layout is
-bitwise exact, and carries the loss scaler as DeepSpeed saved it (fp16's dynamic scaler, which
+bitwise exact (so is a later phase's ``optimizer_state: keep`` through it), and carries the loss
+scaler as DeepSpeed saved it (fp16's dynamic scaler, which
 DeepSpeed builds only on a GPU, is put into a CPU checkpoint's optimizer shard here). run_state.json
 versions: the older one (no "version") is read, an unknown one refused naming the file.
 """
@@ -114,6 +115,20 @@ def test_resharding_at_the_same_layout_is_bitwise_deepspeeds_own_resume(referenc
     got, want = metrics_by_step(out, "train"), metrics_by_step(reference, "train")
     assert sorted(got) == list(range(first, 9))
     assert all(got[s]["loss"] == want[s]["loss"] and got[s]["grad-norm"] == want[s]["grad-norm"] for s in got)
+
+
+def test_optimizer_state_kept_across_phases_is_resharded_too(tmp_path, monkeypatch) -> None:
+    """``optimizer_state: keep`` reloads the previous phase's last checkpoint: resharded when it was
+    written at another layout (here forced at the same one: bitwise the reference)."""
+    keep = "phases=[{name: short, share: 0.5, seq_length: 16, monarch: {nblocks: 2}}, " \
+           "{name: long, share: 0.5, monarch: {nblocks: 2}, optimizer_state: keep}]"
+    reference = str(tmp_path / "reference")
+    train_here(reference, keep)
+    out = resume_from(reference, "step0000002-short", str(tmp_path / "resumed"))
+    _through_reshard(monkeypatch)
+    train_here(out, keep)
+    got, want = metrics_by_step(out, "train"), metrics_by_step(reference, "train")
+    assert sorted(got) == list(range(3, 9)) and all(got[s]["loss"] == want[s]["loss"] for s in got)
 
 
 def test_loss_scaler_state_is_carried(reference, tmp_path, monkeypatch) -> None:

@@ -263,6 +263,18 @@ class CheckpointManager:
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load checkpoint {self.path(tag)}")
 
+    def load_optimizer_state(self, engine, tag: str) -> None:
+        """The optimizer state of checkpoint ``tag`` (this run's, same step as ``engine``'s weights)
+        into ``engine``: DeepSpeed's load at this layout, :meth:`read_resharded` otherwise (the
+        checkpoint was written before a resume at another layout)."""
+        state, problem = inspect_checkpoint(self.path(tag))
+        if problem is not None:
+            raise CheckpointError(f"loading checkpoint {self.path(tag)} failed: {problem}")
+        if self.same_layout(state):
+            self.load(engine, tag, load_optimizer=True)
+        else:
+            restore_optimizer_state(engine, self.read_resharded(tag, state))
+
     def read_resharded(self, tag: str, state: RunState) -> TrainingState:
         """This rank's part, at this job's TP x DP layout, of the training state of checkpoint
         ``tag`` written at another layout: hand ``.module`` to the new engine as its weights (fp32

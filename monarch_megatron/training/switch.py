@@ -117,7 +117,7 @@ def transition(trainer, old: Phase, new: Phase) -> tuple[Any, dict[str, float] |
     engine, desc = build_phase_engine(cfg, trainer.model_cfg, new, layout, weights)
     del weights
     if new.optimizer_state == "keep":
-        trainer.ckpt.load(engine, trainer.phase_end_tag(old), load_optimizer=True)
+        trainer.ckpt.load_optimizer_state(engine, trainer.phase_end_tag(old))
     trainer.optimizer_desc = desc
     if not is_switch:
         return engine, None
