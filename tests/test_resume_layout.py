@@ -117,6 +117,20 @@ def test_resharding_at_the_same_layout_is_bitwise_deepspeeds_own_resume(referenc
     assert all(got[s]["loss"] == want[s]["loss"] and got[s]["grad-norm"] == want[s]["grad-norm"] for s in got)
 
 
+def test_bf16_resharding_at_the_same_layout_is_bitwise_deepspeeds_own_resume(tmp_path, monkeypatch) -> None:
+    """bf16: the fp32 masters come from the optimizer shards (DeepSpeed names them bf16_zero_pp_...),
+    the model's bf16 weights from them."""
+    reference = str(tmp_path / "reference")
+    train_here(reference, "precision.dtype=bf16")
+    assert any(n.startswith("bf16_zero_pp_rank_0") for n in os.listdir(os.path.join(reference, "checkpoints",
+                                                                                    "step0000002-monarch")))
+    out = resume_from(reference, "step0000002-monarch", str(tmp_path / "resumed"))
+    _through_reshard(monkeypatch)
+    train_here(out, "precision.dtype=bf16")
+    got, want = metrics_by_step(out, "train"), metrics_by_step(reference, "train")
+    assert sorted(got) == list(range(3, 9)) and all(got[s]["loss"] == want[s]["loss"] for s in got)
+
+
 def test_optimizer_state_kept_across_phases_is_resharded_too(tmp_path, monkeypatch) -> None:
     """``optimizer_state: keep`` reloads the previous phase's last checkpoint: resharded when it was
     written at another layout (here forced at the same one: bitwise the reference)."""

@@ -38,7 +38,7 @@ import torch
 
 from .errors import CheckpointFormatError
 from .run_state import RunState
-from .shards import OPTIM_FILE, read_model_shards, read_optimizer_shard
+from .shards import OPTIM_FILE, optimizer_files, read_model_shards, read_optimizer_shard
 from .tp import merge_tp, split_tp
 
 
@@ -70,7 +70,7 @@ def saved_data_parallel_size(ckpt_dir: str, state: RunState) -> int:
     in checkpoints older than that entry)."""
     if state.data_parallel_size is not None:
         return state.data_parallel_size
-    return sum(1 for n in os.listdir(ckpt_dir) if n.startswith("zero_pp_rank_") and n.endswith("_mp_rank_00_optim_states.pt"))
+    return sum(1 for _, tp_rank in optimizer_files(ckpt_dir) if tp_rank == 0)
 
 
 def _unpartition(shards: list[dict[str, Any]], shapes: dict[str, torch.Size], where: str):

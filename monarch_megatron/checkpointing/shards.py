@@ -6,7 +6,8 @@ are DeepSpeed's):
 * ``mp_rank_XX_model_states.pt``, one per TP rank ``XX``: ``"module"`` (that rank's state dict:
   TP-sharded tensors in megatron-core's layout, :mod:`.tp`), DeepSpeed's bookkeeping
   (``global_steps``, ``param_shapes``, ...) and our ``run_state`` as its client state;
-* ``zero_pp_rank_D_mp_rank_XX_optim_states.pt``, one per (DP rank ``D``, TP rank ``XX``):
+* ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` (``bf16_zero_pp_...`` in bf16), one per (DP
+  rank ``D``, TP rank ``XX``):
   ``"optimizer_state_dict"``, DeepSpeed's ZeRO-1 state of that rank's partition: per parameter
   group one flat fp32 master partition (``single_partition_of_fp32_groups``), the inner
   optimizer's state of it (``base_optimizer_state``: moments shaped as the partition, ``step``),
@@ -20,6 +21,7 @@ Converted checkpoints hold model shards only (module weights, no optimizer state
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -30,6 +32,8 @@ from .run_state import RunState
 
 MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_{}_mp_rank_{:02d}_optim_states.pt"
+# DeepSpeed prefixes the optimizer files of a bf16 run with "bf16_".
+_OPTIM_NAME = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 # DeepSpeed bookkeeping that describes the optimizer or the data-parallel layout of the run that
 # wrote a model file; a converted checkpoint has no optimizer state.
 _OPTIMIZER_KEYS = ("optimizer", "lr_scheduler", "data_sampler", "random_ltd")
@@ -124,6 +128,16 @@ def write_model_shards(ckpt_dir: str, modules: list[dict[str, Any]], source_meta
                    os.path.join(ckpt_dir, MODEL_FILE.format(rank)))
 
 
+def optimizer_files(ckpt_dir: str) -> dict[tuple[int, int], str]:
+    """``{(DP rank, TP rank): file name}`` of the ZeRO optimizer files in ``ckpt_dir``."""
+    found = {}
+    for name in os.listdir(ckpt_dir):
+        m = _OPTIM_NAME.match(name)
+        if m:
+            found[int(m.group(1)), int(m.group(2))] = name
+    return found
+
+
 def read_optimizer_shard(ckpt_dir: str, dp_rank: int, tp_rank: int) -> dict[str, Any]:
     """DeepSpeed's ZeRO-1 ``optimizer_state_dict`` of (``dp_rank``, ``tp_rank``) (module docstring).
 
@@ -131,9 +145,10 @@ def read_optimizer_shard(ckpt_dir: str, dp_rank: int, tp_rank: int) -> dict[str,
         CheckpointFormatError: missing, unreadable, or without the per-parameter slice record
             (``param_slice_mappings``, which DeepSpeed has written since 0.10) that resharding needs.
     """
-    path = os.path.join(ckpt_dir, OPTIM_FILE.format(dp_rank, tp_rank))
-    if not os.path.isfile(path):
-        raise CheckpointFormatError(f"{path} is missing")
+    name = optimizer_files(ckpt_dir).get((dp_rank, tp_rank))
+    if name is None:
+        raise CheckpointFormatError(f"{os.path.join(ckpt_dir, OPTIM_FILE.format(dp_rank, tp_rank))} is missing")
+    path = os.path.join(ckpt_dir, name)
     data = _load(path)
     state = data.get("optimizer_state_dict") if isinstance(data, dict) else None
     if not isinstance(state, dict) or not isinstance(state.get("base_optimizer_state"), dict):
@@ -145,5 +160,5 @@ def read_optimizer_shard(ckpt_dir: str, dp_rank: int, tp_rank: int) -> dict[str,
     return state
 
 
-__all__ = ["MODEL_FILE", "OPTIM_FILE", "read_model_file", "read_model_shard", "read_model_shards",
+__all__ = ["MODEL_FILE", "OPTIM_FILE", "optimizer_files", "read_model_file", "read_model_shard", "read_model_shards",
            "read_optimizer_shard", "write_model_shards"]

@@ -31,7 +31,7 @@ def check_resume_layout(cfg: RunConfig, world_size: int) -> str | None:
         ConfigError: (``parallel``) a model or optimizer file of the checkpoint's layout is missing.
     """
     from ..checkpointing.reshard import saved_data_parallel_size
-    from ..checkpointing.shards import MODEL_FILE, OPTIM_FILE
+    from ..checkpointing.shards import MODEL_FILE, OPTIM_FILE, optimizer_files
     from ..checkpointing.store import scan_checkpoints
 
     resumable = scan_checkpoints(os.path.join(cfg.output_dir, "checkpoints")).resumable
@@ -43,9 +43,9 @@ def check_resume_layout(cfg: RunConfig, world_size: int) -> str | None:
     was_tp, was_dp = state.tensor_model_parallel_size, saved_data_parallel_size(path, state)
     if was_tp is None or (was_tp, was_dp) == (tp, world_size // tp):
         return None
-    needed = [MODEL_FILE.format(t) for t in range(was_tp)]
-    needed += [OPTIM_FILE.format(d, t) for t in range(was_tp) for d in range(was_dp)]
-    missing = [n for n in needed if not os.path.isfile(os.path.join(path, n))]
+    have = optimizer_files(path)
+    missing = [MODEL_FILE.format(t) for t in range(was_tp) if not os.path.isfile(os.path.join(path, MODEL_FILE.format(t)))]
+    missing += [OPTIM_FILE.format(d, t) for t in range(was_tp) for d in range(was_dp) if (d, t) not in have]
     if missing:
         raise ConfigError("parallel", f"checkpoint {path} was written by TP={was_tp} x DP={was_dp} processes, and "
                           f"resharding it to TP={tp} x DP={world_size // tp} needs all their files, but "
