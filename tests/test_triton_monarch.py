@@ -42,6 +42,9 @@ TMA_SHAPES = {
     "tma_l2_wide_out": ((2, 32, 32), (2, 48, 32)),  # l = 2, s not a power of two
     "tma_narrow_out": ((4, 128, 32), (4, 16, 128)),  # q/l = 32, two dw1 channel tiles
     "tma_k2_l4": ((2, 64, 16), (4, 16, 32)),  # k != l
+    # Chunks of 48 (not a power of two), as GPT-2 small's 768 -> 3072 layers have; l = 4 takes the
+    # paper-order stage-two kernel when perm is True.
+    "tma_chunks_48": ((4, 192, 16), (4, 16, 192)),
 }
 BOUND = {"float32": 1e-5, "bfloat16": 2e-2}
 CASES = ([("fused", name, perm, dtype) for name in SHAPES for perm in (True, False) for dtype in BOUND]
