@@ -46,6 +46,21 @@ from .schema_io import ConfigError, apply_override, build, load_yaml, parse_over
 
 @dataclass
 class ModelSection:
+    """``model:`` the architecture (models/config.py's ``ModelConfig`` is built from it).
+
+    Attributes:
+        kind: ``bert`` (masked LM, megatron-core ``BertModel``) or ``gpt`` (causal LM, ``GPTModel``).
+        num_layers, hidden_size, num_attention_heads: the transformer's depth, width and heads.
+        ffn_hidden_size: the MLP's inner width; null = 4 x hidden_size.
+        vocab_size: the tokenizer's vocabulary; null = ``data.vocab_size``. The model pads it to a
+            multiple of ``make_vocab_size_divisible_by`` (independent of the TP size).
+        max_position_embeddings: learned absolute positions (>= every phase's sequence length).
+        hidden_dropout, attention_dropout, init_method_std: as megatron-core's TransformerConfig.
+        sentence_order: BERT's sentence-order (binary) head and loss.
+        activation: ``gelu`` (exact, erf) or ``gelu_tanh`` (its tanh approximation: original BERT's
+            and GPT-2's, and the one megatron-core fuses with the fc1 bias; training.fused_bias_gelu).
+    """
+
     kind: Literal["bert", "gpt"]
     num_layers: int
     hidden_size: int
@@ -58,13 +73,27 @@ class ModelSection:
     init_method_std: float = 0.02
     sentence_order: bool = True
     make_vocab_size_divisible_by: int = 128
-    # gelu (exact, erf) | gelu_tanh (tanh approximation: original BERT / GPT-2, and the one
-    # megatron-core fuses with the fc1 bias; see training.fused_bias_gelu).
     activation: Literal["gelu", "gelu_tanh"] = "gelu"
 
 
 @dataclass
 class DataSection:
+    """``data:`` where the tokens come from.
+
+    Attributes:
+        source: ``demo`` (the embedded corpus, tokenizer and datasets built under ``cache_dir``) or
+            ``indexed`` (``launcher/preprocess.py``'s output).
+        prefix: the indexed dataset's path prefix (``<prefix>.bin`` / ``.idx``; ``source: indexed``).
+        tokenizer_model: the sentencepiece model the data was tokenized with.
+        vocab_size: that tokenizer's vocabulary (``model.vocab_size`` defaults to it).
+        split: train / validation weights, split by document.
+        masked_lm_prob, short_seq_prob, masking_max_ngram: BERT's masking as Megatron's BERT dataset
+            (share of masked tokens, probability of a shorter sample, longest masked n-gram).
+        cache_dir: where built sample indices (and the demo data) are kept; not part of the run's
+            identity (left out of the config hash).
+        num_workers: data-loader worker processes (0 = in the training process).
+    """
+
     source: Literal["demo", "indexed"] = "demo"
     prefix: str | None = None
     tokenizer_model: str | None = None
@@ -79,12 +108,26 @@ class DataSection:
 
 @dataclass
 class ParallelSection:
+    """``parallel:`` the layout. The data-parallel size is the world size over
+    ``tensor_model_parallel_size``; a resume may change either (checkpointing/reshard.py).
+
+    Attributes:
+        tensor_model_parallel_size: megatron-core tensor parallelism (divides the heads, the
+            vocabulary padding and every structured layer's blocks).
+        world_size: processes expected; null = whatever the launcher starts (``WORLD_SIZE``).
+    """
+
     tensor_model_parallel_size: int = 1
     world_size: int | None = None
 
 
 @dataclass
 class PrecisionSection:
+    """``precision:`` ``dtype`` fp32 | bf16 | fp16 ("AMP O2": half-precision model, fp32 master
+    weights in the ZeRO-1 optimizer, dynamic loss scaling with DeepSpeed's knobs below: the initial
+    scale is ``2**initial_loss_scale_power``, raised after ``loss_scale_window`` overflow-free steps,
+    lowered after ``hysteresis`` overflows, never below ``min_loss_scale``)."""
+
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     initial_loss_scale_power: int = 16
     loss_scale_window: int = 1000
@@ -94,6 +137,10 @@ class PrecisionSection:
 
 @dataclass
 class OptimizerSection:
+    """``optimizer:`` ``name`` lamb (training/optim.py's ZeRO-aware LAMB, the paper's BERT recipe)
+    or adamw; peak ``lr`` (the schedule scales it), decoupled ``weight_decay`` (not on biases and
+    norms), Adam's ``beta1``, ``beta2``, ``eps``, and the global gradient-norm clip ``grad_clip``."""
+
     name: Literal["lamb", "adamw"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.01
@@ -105,6 +152,10 @@ class OptimizerSection:
 
 @dataclass
 class ScheduleSection:
+    """``lr_schedule:`` linear warm-up over ``warmup_steps`` (or ``warmup_fraction`` of the steps
+    when null), then ``decay_style`` linear | polynomial (``power``) | cosine | constant down to
+    ``min_lr``; ``scope`` run (one schedule over the whole run) or phase (one per phase)."""
+
     warmup_steps: int | None = None
     warmup_fraction: float = 0.0
     decay_style: Literal["linear", "polynomial", "cosine", "constant"] = "linear"
