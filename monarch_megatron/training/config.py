@@ -176,6 +176,22 @@ class ProfileSection:
 
 @dataclass
 class TrainingSection:
+    """``training:`` the run's length and shape, its rhythm, and how a step runs.
+
+    Attributes:
+        total_steps: optimizer steps of the whole run (phases take ``steps`` or a ``share`` of it).
+        micro_batch_size, global_batch_size, seq_length: per-rank micro batch, samples per
+            optimizer step (all ranks, all micro-steps: the accumulation is derived from them and
+            the data-parallel size) and tokens per sample; a phase may override each.
+        log_interval, eval_interval, eval_iters, save_interval: progress line, validation (over
+            ``eval_iters`` micro-batches) and checkpoint every so many steps.
+        keep_last: checkpoints kept (older ones pruned after a save succeeds).
+        save_at_switch: right after a structured -> dense switch, also save the converted dense
+            model (a second checkpoint at that step, tagged with the new phase).
+        The keys below the guard and ``init_from`` change how fast a step runs, never what it
+        computes, and are left out of the config hash (:data:`PERFORMANCE_KEYS`).
+    """
+
     total_steps: int | None = None
     micro_batch_size: int = 8
     global_batch_size: int = 8
@@ -229,6 +245,19 @@ class MonarchSection:
 
 @dataclass
 class PhaseSection:
+    """One entry of ``phases:``, in order.
+
+    Attributes:
+        name: the phase's name (in checkpoint tags: ``step<N>-<name>``).
+        steps, share: its length, in steps or as a share of ``training.total_steps`` (one of them).
+        monarch: its structured layers; null = dense (megatron-core's stock layer spec).
+        seq_length, micro_batch_size, global_batch_size: overrides of ``training``'s.
+        optimizer, lr_schedule: overrides of those sections' keys for this phase.
+        optimizer_state: ``fresh`` moments (required after a structured -> dense switch) or ``keep``
+            the previous phase's (same layer structure only).
+        rewarmup_steps: a learning-rate ramp over the phase's first steps (for fresh moments).
+    """
+
     name: str
     steps: int | None = None
     share: float | None = None
