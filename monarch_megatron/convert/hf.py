@@ -321,11 +321,12 @@ CONFIG_NAMES: dict[str, dict[str, str]] = {
              "attention_dropout": "attention_probs_dropout_prob", "init_method_std": "initializer_range"},
 }
 # transformers config attribute -> the value every model of ours has (export writes it, import
-# requires it; ACTIVATION / EPSILON mismatches are near, the rest cannot be expressed).
+# requires it; an EPSILON mismatch is near, the rest cannot be expressed). The activation is not
+# fixed: it is ModelConfig.activation (ACTIVATION, HF_ACTIVATIONS).
 FIXED: dict[str, dict[str, Any]] = {
-    "gpt": {"activation_function": HF_ACTIVATION, "layer_norm_epsilon": LAYERNORM_EPS, "scale_attn_weights": True,
+    "gpt": {"layer_norm_epsilon": LAYERNORM_EPS, "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False, "tie_word_embeddings": True},
-    "bert": {"hidden_act": HF_ACTIVATION, "layer_norm_eps": LAYERNORM_EPS, "type_vocab_size": BERT_TOKENTYPES,
+    "bert": {"layer_norm_eps": LAYERNORM_EPS, "type_vocab_size": BERT_TOKENTYPES,
              "is_decoder": False, "add_cross_attention": False, "tie_word_embeddings": True,
              # not an attribute of MegatronBertConfig in transformers 5; older config files may carry it
              "position_embedding_type": "absolute"},
@@ -371,9 +372,9 @@ def model_from_hf_config(config: Any, family: Family, make_vocab_size_divisible_
     """
     kind = family.kind
     differ = {k: getattr(config, k, ours) for k, ours in FIXED[kind].items() if getattr(config, k, ours) != ours}
-    act, eps = differ.pop(ACTIVATION[kind], None), differ.pop(EPSILON[kind], None)
+    act, eps = getattr(config, ACTIVATION[kind], HF_ACTIVATION), differ.pop(EPSILON[kind], None)
     refused = [f"{k}={v!r} (ours: {FIXED[kind][k]!r})" for k, v in differ.items()]
-    if act is not None and act not in EXACT_GELU and act not in TANH_GELU:
+    if act not in EXACT_GELU and act not in TANH_GELU:
         refused.append(f"{ACTIVATION[kind]}={act!r} (ours: erf GELU or its tanh approximation)")
     if refused:
         raise ConversionError(f"{family.architecture} with {', '.join(refused)}: our {kind} model cannot express this")

@@ -35,6 +35,7 @@ from ..checkpointing.run_state import RunState
 from ..checkpointing.store import RUN_STATE, fsync_dir, read_run_state, replace_dir
 from ..checkpointing.tp import merge_tp, split_tp
 from ..training.config import monarch_layer_widths
+from ..training.init_from import STRUCTURE_KEYS
 from .checkpoint import ConversionError, check_output_path, read_checkpoint, write_checkpoint
 from .hf import (
     BY_ARCHITECTURE,
@@ -250,8 +251,7 @@ def _imported_run_state(model_dir: str, output: str, model, family, tp: int, dty
 
 def init_overrides(model) -> list[str]:
     """The run-config overrides whose model matches ``model`` (what ``training.init_from`` checks)."""
-    keys = ("kind", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-            "max_position_embeddings", "sentence_order", "make_vocab_size_divisible_by", "activation")
+    keys = (*STRUCTURE_KEYS, "activation")  # the checked structure, and the GELU the weights were trained with
     return [f"model.{k}={str(getattr(model, k)).lower() if isinstance(getattr(model, k), bool) else getattr(model, k)}"
             for k in keys]
 
