@@ -29,7 +29,7 @@ import textwrap
 import pytest
 import torch
 
-from tiny_demo import DEMO, ROOT, tiny_overrides
+from tiny_demo import DEMO, ROOT, subprocess_env, tiny_overrides
 
 OVERRIDES = tiny_overrides(
     "training.global_batch_size=4", "training.total_steps=4", "training.eval_iters=1", "training.eval_interval=100",
@@ -54,10 +54,6 @@ def convert(*argv: str) -> int:
     return CLI.main(list(argv))
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-
-
 def _torchrun(n: int, script: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
             os.path.join(ROOT, "launcher", script), *args]
@@ -70,7 +66,7 @@ def run(tmp_path_factory) -> dict:
     out = str(base / "run")
     cmd = _torchrun(2, "pretrain.py", "--config", DEMO, f"output_dir={out}", "parallel.tensor_model_parallel_size=2",
                     *OVERRIDES)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpts = os.path.join(out, "checkpoints")
     paths = {"out": out, "monarch": os.path.join(ckpts, MONARCH_TAG), "dense": os.path.join(ckpts, DENSE_TAG),
@@ -182,9 +178,9 @@ def test_evaluate_gives_the_same_val_loss_for_monarch_and_its_dense_conversion(r
     common = ["--config", DEMO, f"output_dir={run['out']}", *OVERRIDES]
     mon = subprocess.Popen(_torchrun(2, "evaluate.py", "--checkpoint", run["monarch"], *common,
                                      "parallel.tensor_model_parallel_size=2"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     dense = subprocess.Popen([sys.executable, os.path.join(ROOT, "launcher", "evaluate.py"), "--checkpoint",
-                              run["dense_tp1"], *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                              run["dense_tp1"], *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     a, b = _val_loss(mon), _val_loss(dense)
     assert abs(a - b) / abs(a) < 1e-4, f"val_loss Monarch {a} vs dense conversion {b}"
 
@@ -358,5 +354,5 @@ def test_existing_output_is_refused_without_force_and_replaced_atomically_with_i
 def test_cli_process_exit_code_on_missing_input(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launcher", "convert_checkpoint.py"), "--input",
                            str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--to", "dense"],
-                          capture_output=True, text=True, timeout=300, env=_env())
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 2 and proc.stderr.strip().endswith("(expected a checkpoint directory .../checkpoints/<tag>)")

@@ -14,15 +14,11 @@ import sys
 
 from monarch_megatron.parallel.distributed import free_port
 
-from tiny_demo import DEMO, ROOT, metrics_by_step, tiny_overrides
+from tiny_demo import DEMO, ROOT, metrics_by_step, subprocess_env, tiny_overrides
 
 TINY = tiny_overrides("training.total_steps=6", "training.log_interval=1", "training.eval_interval=100",
                       "training.save_interval=100", "phases.0.share=0.5", "phases.0.monarch.nblocks=2",
                       "phases.1.share=0.5")
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 
 
 def _pretrain(out: str) -> list[str]:
@@ -39,12 +35,12 @@ def test_two_node_groups_on_one_host_give_the_one_node_losses(tmp_path) -> None:
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}",
                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
                                *_pretrain(two_nodes)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
              for rank in (0, 1)]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     single = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             *_pretrain(one_node)], capture_output=True, text=True, timeout=600, env=_env())
+                             *_pretrain(one_node)], capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
 
     assert "switch" in open(os.path.join(two_nodes, "metrics.jsonl")).read()

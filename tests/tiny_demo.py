@@ -18,6 +18,12 @@ TINY_MODEL = [
 ]
 
 
+def subprocess_env() -> dict:
+    """The environment of a launcher subprocess (torchrun, pretrain.py): one thread per process on
+    the 2-core machines, the repository importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
 def tiny_overrides(*schedule: str) -> list[str]:
     """``key=value`` overrides of configs/demo.yaml: the tiny model, then ``schedule`` (steps, intervals, phases)."""
     return [*TINY_MODEL, *schedule]
