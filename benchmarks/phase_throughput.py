@@ -152,7 +152,9 @@ def summarise(out: str, steps: int, skip: int, case: str) -> dict:
             "max-memory-gb": max(mem) if mem else None, "lm_losses": [r.get("lm loss") for r in rs],
             "device_busy_fraction": prof and prof["device_busy_fraction"],
             "profile_wall_ms": prof and prof["wall_ms_per_step"], "aten_ops_per_step": prof and prof["aten_ops_per_step"],
-            "top_kernels": prof and prof["top"],
+            "device_kernel_ms": prof and prof.get("device_kernel_ms_per_step"),
+            "top_kernels": prof and prof["top"], "ranges": prof and prof.get("ranges"),
+            "top_host": prof and prof.get("top_host"),
         }
     ratio = phases[0]["tokens-per-sec"] / phases[1]["tokens-per-sec"] if phases[1]["tokens-per-sec"] else None
     return {"phases": phases, "monarch_over_dense": ratio, "switch": [r for r in rows if r["kind"] == "switch"]}

@@ -127,6 +127,7 @@ def build_model(
     fused_bias_dropout: bool = False,
     fused_bias_gelu: bool = False,
     compiled_norm: bool = False,
+    fused_linear_bias: bool = False,
 ) -> BertModel | GPTModel:
     """A megatron-core ``BertModel`` (masked LM, sentence-order head if ``model_cfg.sentence_order``)
     or ``GPTModel`` with Monarch linears where ``monarch`` says (dense everywhere if ``None``).
@@ -138,7 +139,8 @@ def build_model(
     ``monarch_options`` how the Monarch linears multiply (None: the process default);
     ``fused_cross_entropy`` takes the LM loss through :mod:`.cross_entropy` where it applies;
     ``fused_bias_dropout`` and ``fused_bias_gelu`` see :func:`transformer_config`;
-    ``compiled_norm`` takes the layers' norms through :class:`~..parallel.norms.CompiledLayerNorm`.
+    ``compiled_norm`` takes the layers' norms through :class:`~..parallel.norms.CompiledLayerNorm`;
+    ``fused_linear_bias`` adds the qkv bias without a pass of its own (:mod:`..parallel.bias`).
     None of these options changes the function computed, so checkpoints do not depend on them.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -154,7 +156,8 @@ def build_model(
         model = SDPABertModel(
             config=config,
             num_tokentypes=2,
-            transformer_layer_spec=get_bert_layer_spec(monarch, attention, monarch_options, compiled_norm),
+            transformer_layer_spec=get_bert_layer_spec(monarch, attention, monarch_options, compiled_norm,
+                                                        fused_linear_bias),
             vocab_size=vocab,
             max_sequence_length=model_cfg.max_position_embeddings,
             add_binary_head=model_cfg.sentence_order,
@@ -164,7 +167,8 @@ def build_model(
     else:
         model = FusedLossGPTModel(
             config=config,
-            transformer_layer_spec=get_gpt_layer_spec(monarch, attention, monarch_options, compiled_norm),
+            transformer_layer_spec=get_gpt_layer_spec(monarch, attention, monarch_options, compiled_norm,
+                                                       fused_linear_bias),
             vocab_size=vocab,
             max_sequence_length=model_cfg.max_position_embeddings,
             share_embeddings_and_output_weights=True,

@@ -12,6 +12,21 @@ from __future__ import annotations
 import torch
 
 
+def chunk_rows(w1: torch.Tensor, l: int) -> torch.Tensor:
+    """``w1p: (k, q, p)``, the rows of ``w1: (k, q, p)`` in the order ``(j, m)`` (row ``j*ch + m`` is
+    ``w1[:, m*l + j]``, ``ch = q / l``; needs ``l | q``): a copy of the small factor after which
+    first-stage block ``i``'s output column ``j*ch + m`` is ``v[:, j, i*ch + m]``, so the middle
+    permutation moves runs of ``ch`` contiguous channels instead of single elements."""
+    k, q, p = w1.shape
+    return w1.view(k, q // l, l, p).transpose(1, 2).reshape(k, q, p)
+
+
+def unchunk_rows(w1p: torch.Tensor, l: int) -> torch.Tensor:
+    """Inverse of :func:`chunk_rows`: rows ``(j, m)`` back to ``w1``'s order ``m*l + j``."""
+    k, q, p = w1p.shape
+    return w1p.view(k, l, q // l, p).transpose(1, 2).reshape(k, q, p)
+
+
 def second_stage(v: torch.Tensor, w2: torch.Tensor, output_permutation: bool) -> torch.Tensor:
     """``y_j = v_j @ w2[j]^T`` by one batched cuBLAS product. ``v: (n, l, r)`` (the second stage's
     input, block ``j`` contiguous), ``w2: (l, s, r)``; returns ``(n, l*s)`` in the requested order

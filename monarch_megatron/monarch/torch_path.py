@@ -20,43 +20,61 @@ from __future__ import annotations
 
 import torch
 
-from .stages import second_stage, second_stage_grads
+from .stages import chunk_rows, second_stage, second_stage_grads, unchunk_rows
 
 
 class _MonarchMultiplyTorch(torch.autograd.Function):
     """Two batched matmuls whose outputs are written (``out=``) straight into the memory layout the
     next step reads, so each direction moves the activations through one permutation copy (two in
-    the paper's output order), the same number as the paper authors' implementation."""
+    the paper's output order), the same number as the paper authors' implementation.
+
+    Where ``l`` divides ``q`` (every shape of the recipes) the first factor's rows are taken in the
+    order ``(j, m)`` (:func:`.stages.chunk_rows`, a copy of the small factor), so that copy moves
+    runs of ``ch = q/l`` contiguous channels instead of gathering single elements ``l`` apart; the
+    weight gradient is put back into ``w1``'s row order (a copy of the small gradient)."""
 
     @staticmethod
     def forward(ctx, x2: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, output_permutation: bool):
         k, q, p = w1.shape
         l, r = w2.shape[0], w2.shape[2]
         n = x2.shape[0]
+        chunked = q % l == 0
+        w1u = chunk_rows(w1, l) if chunked else w1  # the rows stage one uses
         xv = x2.view(n, k, p).transpose(0, 1)  # (k, n, p), strided view: no copy
         u = x2.new_empty(n, k, q)
-        torch.bmm(xv, w1.transpose(1, 2), out=u.transpose(0, 1))
-        # Middle permutation: flat channel f = i*q + c goes to second-stage block f % l, slot f // l.
-        v = u.view(n, r, l).transpose(1, 2).contiguous()  # (n, l, r)
-        ctx.save_for_backward(x2, w1, w2, v)
-        ctx.output_permutation = output_permutation
+        torch.bmm(xv, w1u.transpose(1, 2), out=u.transpose(0, 1))
+        # Middle permutation: flat channel f = i*q + c goes to second-stage block f % l, slot f // l;
+        # with chunked rows, u[:, i, j*ch + m] holds channel c = m*l + j, i.e. v[:, j, i*ch + m].
+        if chunked:
+            v = u.view(n, k, l, q // l).transpose(1, 2).reshape(n, l, r)
+        else:
+            v = u.view(n, r, l).transpose(1, 2).contiguous()  # (n, l, r)
+        ctx.save_for_backward(x2, w1u, w2, v)
+        ctx.output_permutation, ctx.chunked = output_permutation, chunked
         return second_stage(v, w2, output_permutation)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x2, w1, w2, v = ctx.saved_tensors
-        k, q, p = w1.shape
+        x2, w1u, w2, v = ctx.saved_tensors
+        k, q, p = w1u.shape
+        l = w2.shape[0]
         n = x2.shape[0]
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
         dw2, dv = second_stage_grads(grad_out, v, w2, ctx.output_permutation, need_w2, need_x or need_w1)
         dx = dw1 = None
         if dv is not None:
-            du = dv.transpose(1, 2).reshape(n, k, q).transpose(0, 1)  # inverse permutation, (k, n, q)
+            # Inverse permutation into w1u's row order, (k, n, q).
+            if ctx.chunked:
+                du = dv.view(n, l, k, q // l).transpose(1, 2).reshape(n, k, q).transpose(0, 1)
+            else:
+                du = dv.transpose(1, 2).reshape(n, k, q).transpose(0, 1)
             if need_w1:
                 dw1 = torch.bmm(du.transpose(1, 2), x2.view(n, k, p).transpose(0, 1).conj())
+                if ctx.chunked:
+                    dw1 = unchunk_rows(dw1, l)
             if need_x:
                 dx = x2.new_empty(n, k, p)
-                torch.bmm(du, w1.conj(), out=dx.transpose(0, 1))
+                torch.bmm(du, w1u.conj(), out=dx.transpose(0, 1))
                 dx = dx.view(n, k * p)
         return dx, dw1, dw2, None
 

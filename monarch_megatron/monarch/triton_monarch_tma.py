@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .options import KernelOptions
-from .stages import second_stage, second_stage_grads
+from .stages import chunk_rows, second_stage, second_stage_grads
 from .triton_common import INTERPRET, dot, pow2_dividing, reduce_store, split_workspace, tile_coords, token_splits
 
 try:
@@ -235,14 +235,6 @@ def _dw1_tiles(ch: int, p: int) -> tuple:
 
 def _ieee(dtype: torch.dtype) -> bool:
     return INTERPRET or dtype == torch.float32
-
-
-def chunk_rows(w1: torch.Tensor, l: int) -> torch.Tensor:
-    """``w1p: (k, q, p)``, the rows of ``w1: (k, q, p)`` in the order ``(j, m)`` (row ``j*ch + m`` is
-    ``w1[:, m*l + j]``): a copy of the small factor that makes both kernels reading ``w1`` plain 2-D
-    TMA products and spares stage one an on-chip permute of every output tile (7-14% of its time)."""
-    k, q, p = w1.shape
-    return w1.view(k, q // l, l, p).transpose(1, 2).reshape(k, q, p)
 
 
 def stage_one(x2: torch.Tensor, w1p: torch.Tensor, l: int,

@@ -49,6 +49,7 @@ from ..monarch import (
     monarch_multiply,
     monarch_to_dense,
 )
+from .bias import add_bias
 from .kinds import BLOCKDIAG, MONARCH, LayerKind
 
 
@@ -263,6 +264,7 @@ class ColumnParallelStructured(StructuredParallelLinear):
         name: str | None = None,
         nblocks: int = 4,
         options: MonarchOptions | None = None,
+        compiled_bias: bool = False,
     ) -> None:
         if skip_weight_param_allocation or keep_master_weight_for_test or disable_grad_reduce:
             raise NotImplementedError(
@@ -273,6 +275,7 @@ class ColumnParallelStructured(StructuredParallelLinear):
             raise NotImplementedError("deferred embedding wgrad buffers are not supported")
         self.gather_output = gather_output
         self.tp_comm_buffer_name = tp_comm_buffer_name
+        self.compiled_bias = compiled_bias  # the bias add as a compiled kernel (parallel/bias.py)
         super().__init__(
             input_size, output_size, config=config, init_method=init_method, bias=bias,
             skip_bias_add=skip_bias_add, stride=stride, is_expert=is_expert, tp_group=tp_group,
@@ -304,7 +307,8 @@ class ColumnParallelStructured(StructuredParallelLinear):
         if self.tp_size == 1 and output_parallel.shape[-1] != self.output_size:
             output_parallel = output_parallel[..., : self.output_size]
         if self.bias is not None and not self.skip_bias_add:
-            output_parallel = output_parallel + self.bias
+            output_parallel = (add_bias(output_parallel, self.bias) if self.compiled_bias
+                               else output_parallel + self.bias)
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = gather_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)

@@ -12,7 +12,9 @@ local specs (``bert_layer_local_spec``, ``get_gpt_layer_local_spec()``), deep-co
   (``attention="auto"``); ``"sdpa"``, ``"local"`` (megatron's ``DotProductAttention``) and ``"te"``
   select one explicitly. With ``monarch=None`` and ``attention="local"`` the spec *is* megatron's;
 * with ``compiled_norm``, the two layer norms by :class:`~.norms.CompiledLayerNorm` (the same
-  function and parameters, compiled kernels: the CUDA fast path).
+  function and parameters, compiled kernels: the CUDA fast path);
+* with ``fused_linear_bias``, the qkv linear by :class:`~.bias.FusedBiasColumnParallelLinear`
+  (dense) or with its bias added by a compiled kernel (structured): :mod:`.bias`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..monarch import MonarchOptions
 from .attention import SDPACoreAttention
+from .bias import FusedBiasColumnParallelLinear
 from .kinds import KINDS
 from .layers import PARALLEL_LINEARS
 from .norms import CompiledLayerNorm
@@ -96,7 +99,7 @@ def core_attention_module(attention: str = "auto") -> type:
 
 
 def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
-          options: MonarchOptions | None, compiled_norm: bool) -> ModuleSpec:
+          options: MonarchOptions | None, compiled_norm: bool, fused_linear_bias: bool = False) -> ModuleSpec:
     """A deep copy of a local TransformerLayer spec with the chosen submodules replaced; the
     structured linears get ``options`` (Monarch backend, CUDA-graphed or not; None = the process
     default)."""
@@ -107,6 +110,8 @@ def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
     if compiled_norm:
         spec.submodules.input_layernorm = CompiledLayerNorm
         spec.submodules.pre_mlp_layernorm = CompiledLayerNorm
+    if fused_linear_bias:
+        attn.linear_qkv = FusedBiasColumnParallelLinear  # replaced below if qkv is structured
     if monarch is not None:
         layers = set(monarch.layers)
         column, row = PARALLEL_LINEARS[monarch.kind]["column"], PARALLEL_LINEARS[monarch.kind]["row"]
@@ -114,7 +119,7 @@ def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
         if "qkv" in layers:
             # SelfAttention calls linear_qkv(...) directly rather than through build_module, so
             # it must be a callable class, not a ModuleSpec.
-            attn.linear_qkv = functools.partial(column, **params)
+            attn.linear_qkv = functools.partial(column, **params, compiled_bias=fused_linear_bias)
         if "proj" in layers:
             attn.linear_proj = ModuleSpec(module=row, params=dict(params))
         if "fc1" in layers:
@@ -125,12 +130,14 @@ def _swap(spec: ModuleSpec, monarch: MonarchConfig | None, attention: str,
 
 
 def get_bert_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto",
-                        options: MonarchOptions | None = None, compiled_norm: bool = False) -> ModuleSpec:
+                        options: MonarchOptions | None = None, compiled_norm: bool = False,
+                        fused_linear_bias: bool = False) -> ModuleSpec:
     """BERT layer spec (padding-mask attention): megatron's local spec with structured / SDPA swaps."""
-    return _swap(bert_layer_local_spec, monarch, attention, options, compiled_norm)
+    return _swap(bert_layer_local_spec, monarch, attention, options, compiled_norm, fused_linear_bias)
 
 
 def get_gpt_layer_spec(monarch: MonarchConfig | None = None, attention: str = "auto",
-                       options: MonarchOptions | None = None, compiled_norm: bool = False) -> ModuleSpec:
+                       options: MonarchOptions | None = None, compiled_norm: bool = False,
+                       fused_linear_bias: bool = False) -> ModuleSpec:
     """GPT layer spec (causal attention): megatron's local spec with structured / SDPA swaps."""
-    return _swap(get_gpt_layer_local_spec(), monarch, attention, options, compiled_norm)
+    return _swap(get_gpt_layer_local_spec(), monarch, attention, options, compiled_norm, fused_linear_bias)

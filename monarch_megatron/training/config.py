@@ -230,6 +230,9 @@ class TrainingSection:
     # The layers' LayerNorms as torch.compile'd kernels (parallel/norms.py; CUDA only): torch's own
     # LayerNorm backward is several times slower than its bytes at these shapes.
     compiled_layer_norm: bool = True
+    # The attention qkv linear's bias inside its GEMM (dense: cuBLASLt epilogue) or as a compiled
+    # add (structured); parallel/bias.py. CUDA only.
+    fused_linear_bias: bool = True
     profile: ProfileSection = field(default_factory=ProfileSection)
 
 
@@ -318,7 +321,7 @@ class RunConfig:
 
 # training.* keys that change how fast a step runs, not what it computes (left out of the config hash).
 PERFORMANCE_KEYS = ("fast_step", "cuda_graphs", "mlm_head_masked_only", "fused_cross_entropy", "fused_bias_dropout",
-                    "fused_bias_gelu", "compiled_layer_norm",
+                    "fused_bias_gelu", "compiled_layer_norm", "fused_linear_bias",
                     "profile")
 
 

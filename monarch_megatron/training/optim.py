@@ -23,12 +23,36 @@ Choice of implementation:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+
+def lamb_direction(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w: torch.Tensor, step,
+                   beta1: float, beta2: float, eps: float, weight_decay: float) -> torch.Tensor:
+    """LAMB's moments and update direction, elementwise: ``m``, ``v`` (fp32, like ``g``) are
+    updated in place; returns ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * w``.
+
+    ``step`` (>= 1) is a number, or a 0-d float64 device tensor for :func:`compiled_lamb_direction`
+    (a number there would be compiled in as a constant: one recompilation per step).
+    """
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    u = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
+    return u + weight_decay * w if weight_decay else u
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_lamb_direction():
+    """:func:`lamb_direction` as one generated kernel (reads ``g, m, v, w`` once, writes ``m, v,
+    u``: 7 passes over the partition instead of ~20 for the op-by-op chain; on an H200 the chain
+    took 11-16 ms of a BERT-large fp16 step). Shape-generic, so both parameter groups and both
+    phases share one compilation per set of constants."""
+    return torch.compile(lamb_direction, dynamic=True, fullgraph=True)
 
 
 class ZeroLamb(torch.optim.Optimizer):
@@ -42,8 +66,9 @@ class ZeroLamb(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.01, dp_group=None, tp_group=None) -> None:
+                 weight_decay: float = 0.01, dp_group=None, tp_group=None, compiled: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.compiled = compiled  # CUDA tensors only: the elementwise part as one compiled kernel
         self.dp_group = dp_group
         self.tp_group = tp_group
         # Segment layout per flat partition, keyed by the partition tensor: DeepSpeed steps one
@@ -101,15 +126,16 @@ class ZeroLamb(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-                g = p.grad.float()
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                # Few passes over the (flat, fp32) partition: each op reads and writes it once.
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = v.div(1 - b2**t).sqrt_().add_(group["eps"])
-                w = p.float()
-                u = (torch.addcdiv(w * group["weight_decay"], m, denom, value=1 / (1 - b1**t)) if group["weight_decay"]
-                     else torch.div(m, denom).mul_(1 / (1 - b1**t)))
+                g, w = p.grad.float(), p.float()
+                if self.compiled and p.is_cuda:
+                    # The step as a device scalar (a fill kernel: no host-to-device copy, no sync).
+                    # float64: 1 - 0.999**t in fp32 is off by ~5e-5 relative at small t.
+                    t = torch.full((), state["step"], dtype=torch.float64, device=p.device)
+                    direction = compiled_lamb_direction()
+                else:
+                    t, direction = state["step"], lamb_direction
+                u = direction(g, state["exp_avg"], state["exp_avg_sq"], w, t, b1, b2, group["eps"],
+                              group["weight_decay"])
                 if self.layouts is not None:
                     lay = self.layouts[id(p)]
                     work.append((group, p, w, u, lay["lengths"], lay["owners"], lay["n"], lay["tp"]))

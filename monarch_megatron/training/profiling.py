@@ -30,6 +30,7 @@ from .config import ProfileSection
 logger = logging.getLogger("monarch_megatron.training")
 
 TOP_KERNELS = 40  # in the summary file; the log shows the first LOGGED
+TOP_HOST_OPS = 20
 LOGGED = 12
 
 
@@ -54,14 +55,23 @@ def summarize(events, num_steps: int, wall_seconds: float, on_device: bool) -> d
 
     ``events``: the profiler's ``events()`` (FunctionEvents); ``num_steps`` steps took
     ``wall_seconds`` of host time in all. Device intervals are the events whose ``device_type`` is
-    CUDA (kernels, memcpy, memset); times in the result are milliseconds per step.
+    CUDA (kernels, memcpy, memset), leaving out user annotations (``record_function`` ranges drawn
+    on the device timeline), which span idle gaps too and are listed apart under ``ranges``; times
+    in the result are milliseconds per step.
     """
     from torch.autograd import DeviceType
 
-    device_intervals, by_kernel, by_op = [], {}, {}
+    device_intervals, by_kernel, by_op, ranges = [], {}, {}, {}
     aten_ops = 0
     for e in events:
-        if e.device_type == DeviceType.CUDA:
+        if e.device_type == DeviceType.CUDA and getattr(e, "is_user_annotation", False):
+            # A ``record_function`` range projected onto the device timeline ("micro-steps",
+            # "Optimizer.step#..."): it spans idle gaps too, so it is reported apart and never
+            # counted as device work.
+            r = ranges.setdefault(e.name, [0.0, 0])
+            r[0] += e.time_range.end - e.time_range.start
+            r[1] += 1
+        elif e.device_type == DeviceType.CUDA:
             device_intervals.append((e.time_range.start, e.time_range.end))
             k = by_kernel.setdefault(e.name, [0.0, 0])
             k[0] += e.time_range.end - e.time_range.start
@@ -81,10 +91,16 @@ def summarize(events, num_steps: int, wall_seconds: float, on_device: bool) -> d
         "wall_ms_per_step": wall_ms,
         "device_busy_ms_per_step": busy_ms if on_device else None,
         "device_busy_fraction": (busy_ms / wall_ms if wall_ms > 0 else 0.0) if on_device else None,
+        "device_kernel_ms_per_step": (sum(t for t, _ in by_kernel.values()) / 1e3 / num_steps) if on_device else None,
         "aten_ops_per_step": aten_ops / num_steps,
+        "ranges": [{"name": name, "span_ms_per_step": t / 1e3 / num_steps, "calls_per_step": n / num_steps}
+                   for name, (t, n) in sorted(ranges.items(), key=lambda kv: -kv[1][0])],
         "top": [{"name": name, "ms_per_step": t / 1e3 / num_steps, "calls_per_step": n / num_steps}
                 for name, (t, n) in top],
         "top_kind": "device kernels" if on_device else "operators by self CPU time",
+        # Where the host's time went (on a device run too: a host-bound step shows here).
+        "top_host": [{"name": name, "self_cpu_ms_per_step": t / 1e3 / num_steps, "calls_per_step": n / num_steps}
+                     for name, (t, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0])[:TOP_HOST_OPS]],
     }
 
 

@@ -86,7 +86,8 @@ def build_phase_engine(cfg, model_cfg, phase: Phase, layout, weights: dict[str, 
     t = cfg.training
     model = build_model(model_cfg, phase.monarch, cfg.precision.dtype, monarch_options=monarch_options(cfg),
                         fused_cross_entropy=t.fused_cross_entropy, fused_bias_dropout=t.fused_bias_dropout and on_cuda,
-                        fused_bias_gelu=t.fused_bias_gelu and on_cuda, compiled_norm=t.compiled_layer_norm and on_cuda)
+                        fused_bias_gelu=t.fused_bias_gelu and on_cuda, compiled_norm=t.compiled_layer_norm and on_cuda,
+                        fused_linear_bias=t.fused_linear_bias and on_cuda)
     if weights is not None:
         dtypes = {k: v.dtype for k, v in model.state_dict().items() if torch.is_tensor(v)}
         model.load_state_dict({k: (v.to(dtypes[k]) if torch.is_tensor(v) and k in dtypes else v)
