@@ -243,3 +243,16 @@ def test_backend_shorthand_and_layer_options_run_the_same_multiply():
     torch_layer.load_state_dict(auto.state_dict())
     assert auto.options is None and torch_layer.options is TORCH
     assert torch.equal(auto(x), torch_layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("ch", [2, 3, 6, 48, 64])
+def test_swap_chunk_axes_is_a_transposed_copy(dtype, ch):
+    """The torch path's chunked middle permutation (moved as wider words where the run allows):
+    bitwise ``t.transpose(1, 2).contiguous()``, same dtype, contiguous (seed 7)."""
+    from monarch_megatron.monarch.stages import swap_chunk_axes
+
+    t = (torch.randn(5, 4, 3, ch, generator=torch.Generator().manual_seed(7)) * 100).to(dtype)
+    out = swap_chunk_axes(t)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, t.transpose(1, 2).contiguous())

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .stages import chunk_rows, second_stage, second_stage_grads, unchunk_rows
+from .stages import chunk_rows, second_stage, second_stage_grads, swap_chunk_axes, unchunk_rows
 
 
 class _MonarchMultiplyTorch(torch.autograd.Function):
@@ -46,7 +46,7 @@ class _MonarchMultiplyTorch(torch.autograd.Function):
         # Middle permutation: flat channel f = i*q + c goes to second-stage block f % l, slot f // l;
         # with chunked rows, u[:, i, j*ch + m] holds channel c = m*l + j, i.e. v[:, j, i*ch + m].
         if chunked:
-            v = u.view(n, k, l, q // l).transpose(1, 2).reshape(n, l, r)
+            v = swap_chunk_axes(u.view(n, k, l, q // l)).view(n, l, r)
         else:
             v = u.view(n, r, l).transpose(1, 2).contiguous()  # (n, l, r)
         ctx.save_for_backward(x2, w1u, w2, v)
@@ -65,7 +65,7 @@ class _MonarchMultiplyTorch(torch.autograd.Function):
         if dv is not None:
             # Inverse permutation into w1u's row order, (k, n, q).
             if ctx.chunked:
-                du = dv.view(n, l, k, q // l).transpose(1, 2).reshape(n, k, q).transpose(0, 1)
+                du = swap_chunk_axes(dv.view(n, l, k, q // l)).view(n, k, q).transpose(0, 1)
             else:
                 du = dv.transpose(1, 2).reshape(n, k, q).transpose(0, 1)
             if need_w1:
