@@ -4,9 +4,9 @@ megatron-core's ``ColumnParallelLinear`` adds the bias after the GEMM (``output 
 ``linear_with_grad_accumulation_and_async_allreduce``). A bias broadcast over ``[s, b]`` is not
 contiguous, so torch runs that add with its non-vectorised strided kernel: on an H200 the qkv bias
 took 6.6 ms of a 171-ms BERT-large step (twice the time of its bytes; benchmarks/RESULTS.md,
-issue 11). The attention's qkv linear is the one column-parallel linear whose bias megatron does not
-hand on to a later fusion (fc1's goes to the fused bias + GELU, the row-parallel ones' to the fused
-bias + dropout + add).
+issue 11). The attention's qkv linear is the one linear whose bias megatron never hands on to a
+later fusion (fc1's goes to the fused bias + GELU where ``training.fused_bias_gelu`` applies, the
+row-parallel ones' to the fused bias + dropout + add).
 
 * Dense: :class:`FusedBiasColumnParallelLinear`, a ``ColumnParallelLinear`` whose matrix multiply is
   ``F.linear(x, weight, bias)``, which torch runs as one cuBLASLt GEMM with the bias in its epilogue.
