@@ -257,7 +257,8 @@ def kernel_breakdown(n_in: int, n_out: int, nblocks: int, perm: bool, multiply) 
 
 def tile_sweep(n_in: int, n_out: int, nblocks: int = 4) -> list[str]:
     """GPU time (CUDA graph) of each TMA-path kernel (stage one, dx, dw1) under candidate tiles at one
-    shape, the current choice first; plus the dw1 alternative through cuBLAS. Each candidate runs
+    shape (``TOKENS`` rows), the current choice first; then dw1 at 2-16 forced token splits and
+    through cuBLAS. Each candidate runs
     with its own :class:`KernelOptions` (``tma_tile_overrides``), so it gets its own cached tiles."""
     tt = triton_monarch_tma
     sh = monarch_factor_shapes(n_in, n_out, nblocks)
@@ -292,6 +293,15 @@ def tile_sweep(n_in: int, n_out: int, nblocks: int = 4) -> list[str]:
             except Exception as e:  # a tile that does not fit: reported
                 lines.append(f"tiles {n_in}->{n_out} nb{nblocks} {kern:4} {str(tile):34} error {type(e).__name__}")
             print(lines[-1])
+    for splits in (2, 4, 8, 16):  # the token splits of dw1's reduction at the current tile
+        options = KernelOptions(weight_grad_splits=splits)
+        label = f"tiles {n_in}->{n_out} nb{nblocks} dw1  current, {splits:2d} token splits{'':13}"
+        try:
+            t = triton.testing.do_bench_cudagraph(lambda options=options: runs["dw1"](options))
+            lines.append(f"{label} {t:.4f} ms")
+        except Exception as e:  # reported, as a tile that does not fit
+            lines.append(f"{label} error {type(e).__name__}")
+        print(lines[-1])
     dw1_cublas = KernelOptions(tma_dw1_cublas=True)
     t = triton.testing.do_bench_cudagraph(lambda: runs["dw1"](dw1_cublas))
     lines.append(f"tiles {n_in}->{n_out} nb{nblocks} dw1  cuBLAS (l products + copy)         {t:.4f} ms")
@@ -358,11 +368,14 @@ def main() -> None:
                     help="also the TMA path with the paper order by cuBLAS + a copy (tma_copyperm)")
     ap.add_argument("--check-paths", default="fused,tma", help="paths to check: fused, tma")
     ap.add_argument("--graphs", action="store_true", help="also fwd+bwd GPU time in a CUDA graph (no host)")
+    ap.add_argument("--tokens", type=int, default=16384,
+                    help="rows per product (default 16384; the trainer's BERT-large micro-step is 8192)")
     args = ap.parse_args()
-    global TMA_VARIANTS
+    global TMA_VARIANTS, TOKENS
     TMA_VARIANTS = args.tma_variants
+    TOKENS = args.tokens
     torch.manual_seed(1234)
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  tokens {TOKENS}")
     layers = LAYERS
     if args.layers:
         layers = [tuple(int(v) for v in t.split("x")) for t in args.layers.split(",")]
